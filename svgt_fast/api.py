@@ -1,0 +1,191 @@
+"""The public call: `svgt_fast.generate`."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .backbone import backbone_info, check_total_length, model_device_dtype
+from .sampling import SamplingParams
+from .steering import SVGT
+
+ENGINES = ("reference",)
+
+
+@dataclass
+class GenerationOutput:
+    """sequences: [B, P + N] the input ids (as given, padding kept) then the new tokens;
+    new_tokens: [B, N], pad id after a row's EOS; num_new_tokens: [B] tokens each row produced
+    (its EOS included); texts: decoded new tokens when a tokenizer was given; timings: seconds."""
+
+    sequences: torch.Tensor
+    new_tokens: torch.Tensor
+    num_new_tokens: torch.Tensor
+    texts: list[str] | None = None
+    timings: dict = field(default_factory=dict)
+
+
+def _as_batch(input_ids, tokenizer, attention_mask, device):
+    """Normalise ids / lists / strings into ([B, P] long tensor, [B, P] mask) on `device`."""
+    if isinstance(input_ids, str) or (
+        isinstance(input_ids, (list, tuple)) and input_ids and all(isinstance(p, str) for p in input_ids)
+    ):
+        if tokenizer is None:
+            raise ValueError("prompts given as text need tokenizer=...")
+        prompts = [input_ids] if isinstance(input_ids, str) else list(input_ids)
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("empty prompt: every prompt needs at least one token")
+        if attention_mask is not None:
+            raise ValueError("attention_mask is built from the tokenizer for text prompts; do not pass one")
+        side = tokenizer.padding_side
+        tokenizer.padding_side = "left"
+        try:
+            enc = tokenizer(prompts, return_tensors="pt", padding=True)
+        finally:
+            tokenizer.padding_side = side
+        return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    if isinstance(input_ids, (list, tuple)):
+        rows = [list(r) for r in input_ids] if input_ids and isinstance(input_ids[0], (list, tuple)) else [list(input_ids)]
+        if any(len(r) == 0 for r in rows):
+            raise ValueError("empty prompt: every prompt needs at least one token")
+        width = max(len(r) for r in rows)
+        ids = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):  # left padding
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+        if attention_mask is not None:
+            raise ValueError("attention_mask is built from ragged lists; do not pass one")
+        return ids.to(device), mask.to(device)
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a tensor, a list of token lists or text, got {type(input_ids).__name__}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must be int64 or int32 token ids, got {input_ids.dtype}")
+    ids = input_ids[None] if input_ids.dim() == 1 else input_ids
+    if ids.dim() != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [B, P] with B, P >= 1 (empty prompt?), got {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        mask = torch.ones_like(ids)
+    else:
+        mask = attention_mask[None] if attention_mask.dim() == 1 else attention_mask
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}")
+    return ids.long().to(device), mask.long().to(device)
+
+
+def _unpad(ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    """Each row's real tokens; the ones of the mask must form one block (left or right padding)."""
+    rows = []
+    for i in range(ids.shape[0]):
+        m = mask[i]
+        if not bool(((m == 0) | (m == 1)).all()):
+            raise ValueError(f"attention_mask row {i} has values other than 0 and 1")
+        on = torch.nonzero(m).flatten()
+        if on.numel() == 0:
+            raise ValueError(f"empty prompt: row {i} has no tokens (attention_mask all zero)")
+        lo, hi = int(on[0]), int(on[-1]) + 1
+        if hi - lo != on.numel():
+            raise ValueError(f"attention_mask row {i} has holes; only left or right padding is supported")
+        rows.append(ids[i, lo:hi])
+    return rows
+
+
+def _eos_set(model, eos_token_id) -> frozenset[int]:
+    if eos_token_id is None:
+        gen_cfg = getattr(model, "generation_config", None)
+        eos_token_id = getattr(gen_cfg, "eos_token_id", None)
+    if eos_token_id is None:
+        return frozenset()
+    if isinstance(eos_token_id, int):
+        return frozenset([eos_token_id])
+    return frozenset(int(e) for e in eos_token_id)
+
+
+def _pad_id(model, pad_token_id, eos: frozenset[int]) -> int:
+    if pad_token_id is not None:
+        return int(pad_token_id)
+    gen_cfg = getattr(model, "generation_config", None)
+    pad = getattr(gen_cfg, "pad_token_id", None)
+    if pad is not None:
+        return int(pad)
+    return min(eos) if eos else 0
+
+
+def generate(
+    model,
+    input_ids,
+    *,
+    steering: SVGT | None = None,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    attention_mask: torch.Tensor | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    tokenizer=None,
+    engine: str = "reference",
+) -> GenerationOutput:
+    """Generate with a Hugging Face causal LM, optionally steered by SVGT.
+
+    input_ids: [B, P] or [P] token ids (with attention_mask for left/right padding), a list of
+        token lists (ragged), or text (str or list of str) together with `tokenizer`.
+    steering: None or `svgt_fast.SVGT(module, ...)`.
+    temperature 0 is greedy; otherwise top_k (0 = off) then top_p filter, and a seeded draw
+        (row i uses seed + i, so a row's tokens do not depend on the rest of the batch).
+    Returns a GenerationOutput.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if steering is not None and not isinstance(steering, SVGT):
+        raise TypeError(f"steering must be None or svgt_fast.SVGT(...), got {type(steering).__name__}")
+    sampling = SamplingParams(float(temperature), float(top_p), int(top_k))
+    if seed is None:
+        if not sampling.greedy:
+            raise ValueError("sampling (temperature > 0) needs seed=... so that results are reproducible")
+        seed = 0
+    info = backbone_info(model)
+    if steering is not None:
+        steering.module.check_backbone(model)
+    device, _ = model_device_dtype(model)
+    ids, mask = _as_batch(input_ids, tokenizer, attention_mask, device)
+    if int(ids.max()) >= info.vocab_size or int(ids.min()) < 0:
+        raise ValueError(f"input_ids hold ids outside the vocabulary [0, {info.vocab_size})")
+    prompts = _unpad(ids, mask)
+    extra = steering.n_tokens if steering is not None else 0
+    for i, p in enumerate(prompts):
+        check_total_length(info, p.shape[0] + extra + max_new_tokens, f"row {i} (prompt {p.shape[0]} tokens)")
+    eos = _eos_set(model, eos_token_id)
+    pad = _pad_id(model, pad_token_id, eos)
+
+    from .reference import generate_row
+
+    t0 = time.perf_counter()
+    if steering is not None:
+        steering.module.to(device)
+    outs = [
+        generate_row(model, p, steering=steering, max_new_tokens=max_new_tokens, sampling=sampling,
+                     row_seed=seed + i, eos_ids=eos)
+        for i, p in enumerate(prompts)
+    ]
+    elapsed = time.perf_counter() - t0
+    width = max((len(o) for o in outs), default=0)
+    new = torch.full((ids.shape[0], width), pad, dtype=torch.long, device=device)
+    for i, o in enumerate(outs):
+        if o:
+            new[i, : len(o)] = torch.tensor(o, dtype=torch.long, device=device)
+    counts = torch.tensor([len(o) for o in outs], dtype=torch.long)
+    texts = None
+    if tokenizer is not None:
+        texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
+    return GenerationOutput(
+        sequences=torch.cat([ids, new], dim=1),
+        new_tokens=new,
+        num_new_tokens=counts,
+        texts=texts,
+        timings={"total_s": elapsed, "engine": engine, "tokens": int(counts.sum())},
+    )

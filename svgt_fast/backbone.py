@@ -1,0 +1,98 @@
+"""What svgt_fast needs to know about a Hugging Face causal LM backbone.
+
+One place that finds the decoder layers, the embedding, the final norm and the LM head of the
+supported families (Llama, Mistral, Qwen2/2.5, Qwen3), picks the extract layer of DESIGN §1 and
+checks that a value module or a request fits the model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def default_extract_layer(num_layers: int) -> int:
+    """DESIGN §1: L//2 when the model is deeper than 20 layers, else L-3 (at least 0)."""
+    if num_layers < 2:
+        raise ValueError(f"a backbone needs at least 2 decoder layers for SVGT, got {num_layers}")
+    return num_layers // 2 if num_layers > 20 else max(num_layers - 3, 0)
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """Static facts about one backbone. `extract_layer` is e: layers 0..e form the lower stack."""
+
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    vocab_size: int
+    max_positions: int
+    sliding_window: int | None
+
+    def check_extract_layer(self, extract_layer: int) -> None:
+        if not 0 <= extract_layer < self.num_layers - 1:
+            raise ValueError(
+                f"extract layer {extract_layer} does not fit a backbone of {self.num_layers} layers: "
+                f"it must lie in 0..{self.num_layers - 2} so that the upper stack is not empty"
+            )
+
+
+def backbone_parts(model: nn.Module):
+    """Return (inner_model, layers, lm_head) of a *ForCausalLM model, with a clear error otherwise."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    lm_head = getattr(model, "lm_head", None)
+    if inner is None or layers is None or lm_head is None:
+        raise ValueError(
+            f"{type(model).__name__} is not a supported causal LM: expected .model.layers and .lm_head "
+            f"(families: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    return inner, layers, lm_head
+
+
+def backbone_info(model: nn.Module) -> BackboneInfo:
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        raise ValueError(f"{type(model).__name__} has no .config; pass a Hugging Face causal LM")
+    model_type = getattr(cfg, "model_type", "?")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    _, layers, _ = backbone_parts(model)
+    window = getattr(cfg, "sliding_window", None)
+    if window is not None and getattr(cfg, "use_sliding_window", True) is False:
+        window = None
+    layer_types = getattr(cfg, "layer_types", None)
+    if window is not None and layer_types is not None and "sliding_attention" not in layer_types:
+        window = None
+    return BackboneInfo(
+        model_type=model_type,
+        hidden_size=int(cfg.hidden_size),
+        num_layers=len(layers),
+        vocab_size=int(cfg.vocab_size),
+        max_positions=int(getattr(cfg, "max_position_embeddings", 1 << 30)),
+        sliding_window=int(window) if window is not None else None,
+    )
+
+
+def check_total_length(info: BackboneInfo, total: int, what: str) -> None:
+    """Refuse sequences the model cannot attend over exactly (context or sliding window)."""
+    if total > info.max_positions:
+        raise ValueError(
+            f"{what} needs {total} positions but the model's context is {info.max_positions} "
+            f"(max_position_embeddings); shorten the prompt or max_new_tokens"
+        )
+    if info.sliding_window is not None and total > info.sliding_window:
+        raise ValueError(
+            f"{what} needs {total} positions, beyond the model's sliding window of "
+            f"{info.sliding_window}; sliding-window attention is not supported, shorten the request"
+        )
+
+
+def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    p = next(model.parameters())
+    return p.device, p.dtype

@@ -1,0 +1,89 @@
+"""Token sampling shared by every engine: greedy, temperature, top-k, top-p, seeded.
+
+Random draws come from a counter-based hash of (row seed, step, token id) rather than from a
+torch.Generator. That makes a seeded sample depend only on the request, never on the batch it
+rides in, the engine that runs it or the device, and it needs no host sync (the step can live in
+a device tensor inside a CUDA graph). The draw is the exponential race: argmax(p / E) with
+E ~ Exp(1) samples from p.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def __post_init__(self):
+        if not (self.temperature >= 0.0):
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer (xorshift-multiply) on int64 tensors holding values < 2**32."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def uniform_noise(row_seeds: torch.Tensor, step: torch.Tensor | int, vocab: int) -> torch.Tensor:
+    """Uniform draws in (0, 1), float32, shape [B, vocab], a pure function of (seed, step, id).
+
+    row_seeds: [B] int64; step: int or 0-d/[B] int64 tensor (the index of the token drawn).
+    """
+    seeds = row_seeds.to(torch.int64)
+    step_t = torch.as_tensor(step, dtype=torch.int64, device=seeds.device)
+    base = _hash32((seeds & _MASK32) ^ _hash32((seeds >> 32) & _MASK32))
+    base = _hash32(base ^ ((step_t * _GOLDEN + 0x632BE5AB) & _MASK32))
+    ids = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
+    bits = _hash32((base.unsqueeze(-1) + ids * _GOLDEN) & _MASK32)
+    bits = _hash32(bits ^ base.unsqueeze(-1))
+    # 24 random bits give float32-exact values in (0, 1): never 0, never 1.
+    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k (ties at the k-th value kept), then top-p (smallest prefix whose
+    mass reaches top_p; the most likely token always kept). Returns float32 logits with -inf."""
+    x = logits.float() / params.temperature
+    if params.top_k > 0 and params.top_k < x.shape[-1]:
+        kth = torch.topk(x, params.top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_x, order = torch.sort(x, dim=-1, descending=True)
+        probs = torch.softmax(sorted_x, dim=-1)
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        drop_sorted = mass_before >= params.top_p
+        drop_sorted[..., 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        x = x.masked_fill(drop, float("-inf"))
+    return x
+
+
+def sample_next(
+    logits: torch.Tensor, params: SamplingParams, row_seeds: torch.Tensor, step: torch.Tensor | int
+) -> torch.Tensor:
+    """Next token ids [B] (int64) from logits [B, V]."""
+    if params.greedy:
+        return torch.argmax(logits, dim=-1)
+    probs = torch.softmax(filter_logits(logits, params), dim=-1)
+    race = probs / -torch.log(uniform_noise(row_seeds, step, logits.shape[-1]))
+    return torch.argmax(race, dim=-1)
