@@ -1,0 +1,34 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+hf_logging.disable_progress_bar()
+hf_logging.set_verbosity_error()
+
+from svgt_fast.tiny import build_tiny_model  # noqa: E402
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """One tiny random model per family, saved with save_pretrained and loaded back."""
+    models = {}
+    for i, fam in enumerate(FAMILIES):
+        d = tmp_path_factory.mktemp(f"tiny_{fam}")
+        models[fam] = build_tiny_model(fam, seed=100 + i, directory=str(d))
+    return models
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def tiny_model(tiny_models, family):
+    return tiny_models[family]
