@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +89,10 @@ class SVGTConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"SVGTConfig: unknown fields {unknown}")
+        required = {f.name for f in fields(cls) if f.default is MISSING}
+        missing = sorted(required - set(data))
+        if missing:
+            raise ValueError(f"SVGTConfig: missing fields {missing}")
         return cls(**data)
 
 

@@ -124,8 +124,9 @@ def test_refresh_semantics(tiny_models):
     assert frozen == never
     # trigger="prompt", beta=0, refresh every step: recomputes the same prefill bridge.
     _, tr_p = _run(model, prompt, SVGT(module, refresh_interval=1, beta=0.0, trigger="prompt"), "loop")
+    # (Not bit-equal: the prompt token's state is re-computed inside a longer fp32 forward.)
     for t in tr_p[1:]:
-        torch.testing.assert_close(t["bridge"], tr_p[0]["bridge"], rtol=0, atol=0)
+        torch.testing.assert_close(t["bridge"], tr_p[0]["bridge"], rtol=1e-5, atol=1e-5)
 
 
 def test_gradient_step_changes_bridge(tiny_models):
