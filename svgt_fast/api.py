@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -10,7 +11,7 @@ from .backbone import backbone_info, check_total_length, model_device_dtype
 from .sampling import SamplingParams
 from .steering import SVGT
 
-ENGINES = ("reference",)
+ENGINES = ("reference", "fast")
 
 
 @dataclass
@@ -126,7 +127,7 @@ def generate(
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     tokenizer=None,
-    engine: str = "reference",
+    engine="reference",
 ) -> GenerationOutput:
     """Generate with a Hugging Face causal LM, optionally steered by SVGT.
 
@@ -135,10 +136,16 @@ def generate(
     steering: None or `svgt_fast.SVGT(module, ...)`.
     temperature 0 is greedy; otherwise top_k (0 = off) then top_p filter, and a seeded draw
         (row i uses seed + i, so a row's tokens do not depend on the rest of the batch).
+    engine: "reference" (the eager oracle: re-computes everything each step), "fast" (an
+        Engine sized for this call, cached on the model), or an `svgt_fast.Engine` to reuse.
     Returns a GenerationOutput.
     """
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    from .engine import Engine
+
+    if not isinstance(engine, Engine) and engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES} or an svgt_fast.Engine, got {engine!r}")
+    if isinstance(engine, Engine) and engine.model is not model:
+        raise ValueError("the Engine given was built for another model")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if steering is not None and not isinstance(steering, SVGT):
@@ -162,23 +169,33 @@ def generate(
     eos = _eos_set(model, eos_token_id)
     pad = _pad_id(model, pad_token_id, eos)
 
-    from .reference import generate_row
-
     t0 = time.perf_counter()
     if steering is not None:
         steering.module.to(device)
-    outs = [
-        generate_row(model, p, steering=steering, max_new_tokens=max_new_tokens, sampling=sampling,
-                     row_seed=seed + i, eos_ids=eos)
-        for i, p in enumerate(prompts)
-    ]
+    timings = {}
+    if engine == "reference":
+        from .reference import generate_row
+
+        outs = [
+            generate_row(model, p, steering=steering, max_new_tokens=max_new_tokens, sampling=sampling,
+                         row_seed=seed + i, eos_ids=eos)
+            for i, p in enumerate(prompts)
+        ]
+        width = max((len(o) for o in outs), default=0)
+        new = torch.full((ids.shape[0], width), pad, dtype=torch.long, device=device)
+        for i, o in enumerate(outs):
+            if o:
+                new[i, : len(o)] = torch.tensor(o, dtype=torch.long, device=device)
+        counts = torch.tensor([len(o) for o in outs], dtype=torch.long)
+    else:
+        eng = engine if isinstance(engine, Engine) else _cached_engine(model, len(prompts),
+                                                                      max(p.shape[0] for p in prompts) + max_new_tokens,
+                                                                      steering)
+        seeds = seed + torch.arange(len(prompts), dtype=torch.int64)
+        new, counts, timings = eng.generate(prompts, steering=steering, max_new_tokens=max_new_tokens,
+                                            sampling=sampling, row_seeds=seeds, eos_ids=eos, pad_id=pad)
+        outs = [new[i, : int(counts[i])].tolist() for i in range(len(prompts))]
     elapsed = time.perf_counter() - t0
-    width = max((len(o) for o in outs), default=0)
-    new = torch.full((ids.shape[0], width), pad, dtype=torch.long, device=device)
-    for i, o in enumerate(outs):
-        if o:
-            new[i, : len(o)] = torch.tensor(o, dtype=torch.long, device=device)
-    counts = torch.tensor([len(o) for o in outs], dtype=torch.long)
     texts = None
     if tokenizer is not None:
         texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
@@ -187,5 +204,25 @@ def generate(
         new_tokens=new,
         num_new_tokens=counts,
         texts=texts,
-        timings={"total_s": elapsed, "engine": engine, "tokens": int(counts.sum())},
+        timings=dict(timings, total_s=elapsed, engine="fast" if engine != "reference" else "reference",
+                     tokens=int(counts.sum())),
     )
+
+
+_ENGINES = weakref.WeakKeyDictionary()
+
+
+def _cached_engine(model, batch: int, seq_len: int, steering):
+    """One Engine per model, grown (never shrunk) to the largest request seen."""
+    from .engine import Engine
+
+    eng = _ENGINES.get(model)
+    k = steering.n_tokens if steering is not None else 1
+    if eng is None or eng.max_batch < batch or eng.max_seq_len < seq_len or eng.kmax < k:
+        b = max(batch, eng.max_batch if eng else 1)
+        s = max(seq_len, eng.max_seq_len if eng else 2)
+        eng = None  # free the old caches first
+        _ENGINES.pop(model, None)
+        eng = Engine(model, max_batch=b, max_seq_len=s, max_bridge_tokens=16)
+        _ENGINES[model] = eng
+    return eng

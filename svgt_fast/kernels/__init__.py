@@ -1,0 +1,1 @@
+"""Triton kernels (one op per file) and their plain PyTorch references (reference.py)."""
