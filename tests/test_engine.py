@@ -1,0 +1,94 @@
+"""The fast engine against the eager oracle (DESIGN §5 rung 2 and 3): identical tokens in fp32."""
+import pytest
+import torch
+
+from svgt_fast import SVGT, generate
+from svgt_fast.engine import Engine
+from svgt_fast.tiny import build_tiny_model, build_value_module
+
+from helpers import ragged_prompts
+
+N_NEW = 12
+
+
+def test_unsteered_equals_reference_and_hf(tiny_model):
+    rows = ragged_prompts(11)
+    ref = generate(tiny_model, rows, max_new_tokens=N_NEW, engine="reference")
+    fast = generate(tiny_model, rows, max_new_tokens=N_NEW, engine="fast")
+    assert torch.equal(fast.sequences, ref.sequences)
+
+
+@pytest.mark.parametrize("generator", ["vlp", "mlp"])
+@pytest.mark.parametrize("trigger", ["current", "prompt"])
+def test_svgt_exact_equals_reference(tiny_model, generator, trigger):
+    module = build_value_module(tiny_model, seed=12, generator=generator)
+    steering = SVGT(module, refresh_interval=3, beta=0.7, trigger=trigger)
+    rows = ragged_prompts(12)
+    ref = generate(tiny_model, rows, steering=steering, max_new_tokens=N_NEW, engine="reference")
+    fast = generate(tiny_model, rows, steering=steering, max_new_tokens=N_NEW, engine="fast")
+    assert torch.equal(fast.new_tokens, ref.new_tokens)
+    assert fast.timings["refresh_steps"] == (N_NEW - 1) // 3
+
+
+@pytest.mark.parametrize("refresh_interval,k", [(1, 1), (5, 16), (100, 7)])
+def test_svgt_exact_k_and_interval(tiny_models, refresh_interval, k):
+    model = tiny_models["qwen2"]
+    steering = SVGT(build_value_module(model, seed=13, n_intervention_tokens=k), refresh_interval=refresh_interval)
+    rows = ragged_prompts(13, lengths=(5, 12))
+    ref = generate(model, rows, steering=steering, max_new_tokens=N_NEW, engine="reference")
+    fast = generate(model, rows, steering=steering, max_new_tokens=N_NEW, engine="fast")
+    assert torch.equal(fast.new_tokens, ref.new_tokens)
+
+
+def test_sampled_and_eos_equal_reference(tiny_models):
+    model = tiny_models["llama"]
+    steering = SVGT(build_value_module(model, seed=14), refresh_interval=2)
+    rows = ragged_prompts(14, lengths=(3, 9, 6, 4))
+    kw = dict(steering=steering, max_new_tokens=N_NEW, temperature=0.9, top_k=50, top_p=0.9, seed=7)
+    ref = generate(model, rows, engine="reference", **kw)
+    eos = int(ref.new_tokens[1, 2])
+    ref = generate(model, rows, engine="reference", eos_token_id=eos, **kw)
+    fast = generate(model, rows, engine="fast", eos_token_id=eos, **kw)
+    assert torch.equal(fast.new_tokens, ref.new_tokens)
+    assert torch.equal(fast.num_new_tokens, ref.num_new_tokens)
+    assert int(ref.num_new_tokens[1]) == 3
+
+
+def test_engine_reuse_leaves_nothing_stale(tiny_models):
+    """A long steered request then a short unsteered one on the same caches."""
+    model = tiny_models["qwen3"]
+    eng = Engine(model, max_batch=4, max_seq_len=64)
+    steering = SVGT(build_value_module(model, seed=15), refresh_interval=2)
+    long_rows, short_rows = ragged_prompts(15, lengths=(20, 30)), ragged_prompts(16, lengths=(4, 2, 6))
+    for rows, st in ((long_rows, steering), (short_rows, None), (short_rows, steering)):
+        ref = generate(model, rows, steering=st, max_new_tokens=N_NEW, engine="reference")
+        fast = generate(model, rows, steering=st, max_new_tokens=N_NEW, engine=eng)
+        assert torch.equal(fast.new_tokens, ref.new_tokens)
+
+
+def test_fusion_keeps_hf_model_working():
+    model = build_tiny_model("qwen2", seed=17)
+    rows = ragged_prompts(17)
+    before = model.generate(input_ids=torch.tensor([rows[0]]), max_new_tokens=8, do_sample=False)
+    Engine(model, max_batch=2, max_seq_len=32)
+    after = model.generate(input_ids=torch.tensor([rows[0]]), max_new_tokens=8, do_sample=False)
+    assert torch.equal(before, after)
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.weight.untyped_storage().data_ptr() == attn.k_proj.weight.untyped_storage().data_ptr()
+
+
+def test_engine_limits(tiny_models):
+    model = tiny_models["llama"]
+    eng = Engine(model, max_batch=2, max_seq_len=16, max_bridge_tokens=4)
+    with pytest.raises(ValueError, match="max_batch=2"):
+        generate(model, ragged_prompts(1), max_new_tokens=2, engine=eng)
+    with pytest.raises(ValueError, match="max_seq_len=16"):
+        generate(model, [[1] * 10], max_new_tokens=7, engine=eng)
+    with pytest.raises(ValueError, match="max_bridge_tokens=4"):
+        generate(model, [[1, 2]], max_new_tokens=2, engine=eng, steering=SVGT(build_value_module(model)))
+    with pytest.raises(ValueError, match="another model"):
+        generate(tiny_models["mistral"], [[1, 2]], max_new_tokens=2, engine=eng)
+    with pytest.raises(ValueError, match="differs from the model"):
+        Engine(model, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="attention"):
+        Engine(model, attention="flash3")
