@@ -92,3 +92,15 @@ def test_engine_limits(tiny_models):
         Engine(model, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="attention"):
         Engine(model, attention="flash3")
+
+
+@pytest.mark.parametrize("steered", [False, True])
+def test_triton_attention_backend_equals_reference(tiny_models, steered):
+    """The engine with our Triton kernel (interpreter on CPU) gives the oracle's tokens."""
+    model = build_tiny_model("qwen3", seed=18)  # head_dim 16: a valid Triton tile
+    steering = SVGT(build_value_module(model, seed=18), refresh_interval=3) if steered else None
+    rows = ragged_prompts(18, lengths=(5, 9))
+    ref = generate(model, rows, steering=steering, max_new_tokens=8, engine="reference")
+    eng = Engine(model, max_batch=2, max_seq_len=24, attention="triton")
+    fast = generate(model, rows, steering=steering, max_new_tokens=8, engine=eng)
+    assert torch.equal(fast.new_tokens, ref.new_tokens)

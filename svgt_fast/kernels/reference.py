@@ -24,6 +24,7 @@ def prefix_attention_ref(
     v_bridge: torch.Tensor | None,
     scale: float,
     n_slots: int | None = None,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Attention of queries over [token cache ; bridge buffer] in the logical order above.
 
@@ -31,7 +32,9 @@ def prefix_attention_ref(
     k_cache, v_cache: [B, Hkv, S, D] (slots >= n_slots are never read).
     q_start, prompt_len, bridge_len: [B] int (bridge_len in 0..Kmax; ignored without a bridge).
     k_bridge, v_bridge: [B, Hkv, Kmax, D] or None.
-    Returns [B, M, Hq, D] in q's dtype; softmax in fp32.
+    compute_dtype: dtype of the two matmuls (fp32 default; a low-precision run gives the error
+        yardstick for kernels); the softmax is always fp32.
+    Returns [B, M, Hq, D] in q's dtype.
     """
     B, M, Hq, D = q.shape
     S = k_cache.shape[2] if n_slots is None else n_slots
@@ -50,11 +53,12 @@ def prefix_attention_ref(
     qi = q_start[:, None] + torch.arange(M, device=dev)[None]  # [B, M]
     mask = key_logical[:, None, :] <= qi[:, :, None]  # [B, M, N]
     Hkv = keys.shape[1]
-    keys = keys.repeat_interleave(Hq // Hkv, dim=1).float()
-    vals = vals.repeat_interleave(Hq // Hkv, dim=1).float()
-    scores = torch.einsum("bmhd,bhnd->bhmn", q.float(), keys) * scale
+    keys = keys.repeat_interleave(Hq // Hkv, dim=1).to(compute_dtype)
+    vals = vals.repeat_interleave(Hq // Hkv, dim=1).to(compute_dtype)
+    scores = torch.einsum("bmhd,bhnd->bhmn", q.to(compute_dtype), keys).float() * scale
     scores = scores.masked_fill(~mask[:, None], float("-inf"))
-    out = torch.einsum("bhmn,bhnd->bmhd", torch.softmax(scores, dim=-1), vals)
+    probs = torch.softmax(scores, dim=-1).to(compute_dtype)
+    out = torch.einsum("bhmn,bhnd->bmhd", probs, vals)
     return out.to(q.dtype)
 
 

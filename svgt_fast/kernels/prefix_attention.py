@@ -1,0 +1,213 @@
+"""Bridge-token prefix attention (Triton): one online-softmax pass over the token cache and the
+separate bridge buffer, in the logical order [prompt ; bridge ; response] (kernels/reference.py).
+
+One kernel serves decode (M = 1 query row per sequence) and chunks (prefill, refresh: M rows,
+causal by logical index). GQA: the G = Hq / Hkv query heads that share a KV head are packed with
+the M rows into one block of BLOCK_M rows, so each K/V tile is loaded once for all of them.
+Split-K: long token ranges are cut into `n_splits` programs whose partial (acc, max, sum) are
+merged afterwards; the bridge tile is read by split 0 only.
+
+Math, per query row r = (m, g) of sequence b, KV head h, query head h*G + g, logical qi = q_start[b] + m:
+    keys   = { token slot s : s < n_slots, logical(s) <= qi } ∪ { bridge j : j < bridge_len[b], P + j <= qi }
+    out[r] = softmax(q_r · k^T * scale) · v   (fp32 accumulation)
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import prefix_attention_ref  # noqa: F401  (the op's reference, for readers)
+
+
+@triton.jit
+def _prefix_attention_kernel(
+    Q, KC, VC, KB, VB, OUT, PART_ACC, PART_ML,
+    q_start_ptr, prompt_len_ptr, bridge_len_ptr,
+    s_qb, s_qm, s_qh, s_qd,
+    s_kb, s_kh, s_ks, s_kd,
+    s_vb, s_vh, s_vs, s_vd,
+    s_bb, s_bh, s_bs, s_bd,
+    s_wb, s_wh, s_ws, s_wd,
+    s_ob, s_om, s_oh, s_od,
+    M, n_slots, slots_per_split, scale,
+    G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, KMAX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_BR: tl.constexpr,
+    HAS_BRIDGE: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
+    split = tl.program_id(2)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_idx = rows // G
+    qh = h * G + rows % G
+    row_ok = m_idx < M
+    q_start = tl.load(q_start_ptr + b).to(tl.int64)
+    P = tl.load(prompt_len_ptr + b).to(tl.int64)
+    if HAS_BRIDGE:
+        kb = tl.load(bridge_len_ptr + b).to(tl.int64)
+    else:
+        kb = 0
+    qi = q_start + m_idx  # logical index of each row
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + b * s_qb + m_idx[:, None] * s_qm + qh[:, None] * s_qh + offs_d[None, :] * s_qd,
+                mask=row_ok[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+
+    # Token slots of this split; no slot beyond the block's last logical index can be visible.
+    last_m = tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, M * G - 1) // G
+    lo = split * slots_per_split
+    hi = tl.minimum(tl.minimum(lo + slots_per_split, n_slots), q_start + last_m + 1)
+    for start in range(lo, hi, BLOCK_N):
+        slots = start + tl.arange(0, BLOCK_N)
+        valid = slots < hi
+        logical = slots + tl.where(slots >= P, kb, 0)
+        k = tl.load(KC + b * s_kb + h * s_kh + slots[:, None] * s_ks + offs_d[None, :] * s_kd,
+                    mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        s = tl.where(valid[None, :] & (logical[None, :] <= qi[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(VC + b * s_vb + h * s_vh + slots[:, None] * s_vs + offs_d[None, :] * s_vd,
+                    mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    if HAS_BRIDGE:
+        if split == 0:
+            j = tl.arange(0, BLOCK_BR)
+            valid = j < kb
+            logical = P + j
+            kbr = tl.load(KB + b * s_bb + h * s_bh + j[:, None] * s_bs + offs_d[None, :] * s_bd,
+                          mask=valid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(kbr), input_precision=PRECISION) * scale
+            s = tl.where(valid[None, :] & (logical[None, :] <= qi[:, None]), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vbr = tl.load(VB + b * s_wb + h * s_wh + j[:, None] * s_ws + offs_d[None, :] * s_wd,
+                          mask=valid[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vbr.dtype), vbr, input_precision=PRECISION)
+            m_i = m_new
+
+    if SPLIT:
+        # Partials [B, Hq, M, n_splits, D] and [B, Hq, M, n_splits, 2] (max, sum), contiguous.
+        n_splits = tl.num_programs(2)
+        base = ((b * (HKV * G) + qh) * M + m_idx) * n_splits + split
+        tl.store(PART_ACC + base[:, None] * D + offs_d[None, :], acc, mask=row_ok[:, None])
+        tl.store(PART_ML + base * 2, m_i, mask=row_ok)
+        tl.store(PART_ML + base * 2 + 1, l_i, mask=row_ok)
+    else:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(OUT + b * s_ob + m_idx[:, None] * s_om + qh[:, None] * s_oh + offs_d[None, :] * s_od,
+                 out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+
+
+def _check(name, t, ndim, dtype, device):
+    if t.dim() != ndim:
+        raise ValueError(f"prefix_attention: {name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if t.dtype != dtype:
+        raise ValueError(f"prefix_attention: {name} dtype {t.dtype} != q dtype {dtype}")
+    if t.device != device:
+        raise ValueError(f"prefix_attention: {name} on {t.device}, q on {device}")
+
+
+def default_splits(n_programs: int, n_slots: int, device: torch.device) -> int:
+    """Split the key range only when the grid would leave the GPU's SMs idle."""
+    if device.type != "cuda" or n_slots <= 512:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if n_programs >= sms:
+        return 1
+    return int(max(1, min(triton.cdiv(2 * sms, n_programs), triton.cdiv(n_slots, 256), 64)))
+
+
+def prefix_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    q_start: torch.Tensor,
+    prompt_len: torch.Tensor,
+    bridge_len: torch.Tensor,
+    k_bridge: torch.Tensor | None,
+    v_bridge: torch.Tensor | None,
+    scale: float,
+    n_slots: int | None = None,
+    n_splits: int | None = None,
+) -> torch.Tensor:
+    """Triton prefix attention; same arguments and result as `prefix_attention_ref`.
+
+    q [B, M, Hq, D]; k_cache, v_cache [B, Hkv, S, D]; k_bridge, v_bridge [B, Hkv, Kmax, D] or
+    None; q_start, prompt_len, bridge_len [B] int. Any strides; D a power of two >= 16.
+    n_slots: token slots that may be read (default S). n_splits: split-K (default: heuristic).
+    Returns a new [B, M, Hq, D] tensor in q's dtype.
+    """
+    if q.dim() != 4:
+        raise ValueError(f"prefix_attention: q must be [B, M, Hq, D], got {tuple(q.shape)}")
+    B, M, Hq, D = q.shape
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _check(name, t, 4, q.dtype, q.device)
+    if k_cache.shape != v_cache.shape or k_cache.shape[0] != B or k_cache.shape[3] != D:
+        raise ValueError(f"prefix_attention: caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} do not fit q {tuple(q.shape)}")
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"prefix_attention: {Hq} query heads not a multiple of {Hkv} KV heads")
+    if D < 16 or D & (D - 1):
+        raise ValueError(f"prefix_attention: head_dim {D} must be a power of two >= 16")
+    for name, t in (("q_start", q_start), ("prompt_len", prompt_len), ("bridge_len", bridge_len)):
+        if t.shape != (B,) or t.dtype not in (torch.int32, torch.int64) or t.device != q.device:
+            raise ValueError(f"prefix_attention: {name} must be an int tensor [B={B}] on {q.device}")
+    has_bridge = k_bridge is not None
+    if has_bridge:
+        for name, t in (("k_bridge", k_bridge), ("v_bridge", v_bridge)):
+            _check(name, t, 4, q.dtype, q.device)
+        if k_bridge.shape != v_bridge.shape or k_bridge.shape[:2] != (B, Hkv) or k_bridge.shape[3] != D:
+            raise ValueError(f"prefix_attention: bridge {tuple(k_bridge.shape)} does not fit [B, Hkv, Kmax, D]")
+        kmax = k_bridge.shape[2]
+    else:
+        k_bridge = v_bridge = k_cache  # never read
+        kmax = 1
+    n_slots = S if n_slots is None else min(int(n_slots), S)
+    G = Hq // Hkv
+    block_m = 16 if M * G <= 16 else 64
+    grid_m = triton.cdiv(M * G, block_m)
+    if n_splits is None:
+        n_splits = default_splits(B * Hkv * grid_m, n_slots, q.device)
+    n_splits = max(1, min(int(n_splits), n_slots))
+    per_split = triton.cdiv(n_slots, n_splits)
+    out = torch.empty((B, M, Hq, D), dtype=q.dtype, device=q.device)
+    split = n_splits > 1
+    if split:
+        part_acc = torch.empty((B, Hq, M, n_splits, D), dtype=torch.float32, device=q.device)
+        part_ml = torch.empty((B, Hq, M, n_splits, 2), dtype=torch.float32, device=q.device)
+    else:
+        part_acc = part_ml = out  # unused
+    grid = (B * Hkv, grid_m, n_splits)
+    _prefix_attention_kernel[grid](
+        q, k_cache, v_cache, k_bridge, v_bridge, out, part_acc, part_ml,
+        q_start, prompt_len, bridge_len,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *k_bridge.stride(), *v_bridge.stride(), *out.stride(),
+        M, n_slots, per_split, float(scale),
+        G=G, HKV=Hkv, D=D, KMAX=kmax, BLOCK_M=block_m, BLOCK_N=64 if D <= 128 else 32,
+        BLOCK_BR=max(16, triton.next_power_of_2(kmax)), HAS_BRIDGE=has_bridge, SPLIT=split,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4,
+    )
+    if split:
+        m, l = part_ml[..., 0], part_ml[..., 1]
+        m_max = m.amax(-1, keepdim=True)
+        w = torch.exp(m - torch.where(torch.isinf(m_max), torch.zeros_like(m_max), m_max))
+        merged = (part_acc * w[..., None]).sum(-2) / (l * w).sum(-1, keepdim=True).clamp_min(1e-30)
+        out.copy_(merged.transpose(1, 2))
+    return out

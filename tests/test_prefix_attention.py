@@ -1,0 +1,87 @@
+"""Triton bridge-token prefix attention vs its PyTorch reference (CPU: TRITON_INTERPRET=1)."""
+import pytest
+import torch
+
+from svgt_fast.kernels.reference import prefix_attention_ref
+
+
+def _case(seed, B, M, Hq, Hkv, D, S, kmax, device="cpu", dtype=torch.float32, noncontig=False):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, M, Hq, D, generator=g)
+    if noncontig:  # caches as slices of a bigger [L, maxB, Hkv, S+1, D] buffer, like the engine's
+        big_k = torch.randn(2, B + 1, Hkv, S + 1, D, generator=g)
+        big_v = torch.randn(2, B + 1, Hkv, S + 1, D, generator=g)
+        kc, vc = big_k[1, :B], big_v[1, :B]
+    else:
+        kc, vc = torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, D, generator=g)
+    kb, vb = torch.randn(B, Hkv, kmax, D, generator=g), torch.randn(B, Hkv, kmax, D, generator=g)
+    P = torch.randint(1, max(2, S // 2), (B,), generator=g)
+    bl = torch.randint(0, kmax + 1, (B,), generator=g)
+    to = lambda t: t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
+    return [to(t) for t in (q, kc, vc, kb, vb)] + [P.to(device), bl.to(device)]
+
+
+def _run_both(q, kc, vc, kb, vb, P, bl, q_start, n_slots, n_splits, bridge=True):
+    from svgt_fast.kernels.prefix_attention import prefix_attention
+
+    args = (q, kc, vc, q_start, P, bl, kb if bridge else None, vb if bridge else None, 0.25)
+    got = prefix_attention(*args, n_slots=n_slots, n_splits=n_splits)
+    want = prefix_attention_ref(*args, n_slots=n_slots)
+    return got, want
+
+
+@pytest.mark.parametrize("n_splits", [1, 3])
+@pytest.mark.parametrize("bridge", [True, False])
+def test_decode_ragged_gqa(n_splits, bridge):
+    q, kc, vc, kb, vb, P, bl = _case(0, B=3, M=1, Hq=4, Hkv=2, D=16, S=70, kmax=5, noncontig=True)
+    # decode: each sequence's query is its newest token; lengths differ per sequence
+    n_tok = torch.tensor([70, 33, 9])
+    P = torch.minimum(P, n_tok)
+    q_start = n_tok - 1 + torch.where(torch.tensor(bridge), bl, torch.zeros_like(bl))
+    got, want = _run_both(q, kc, vc, kb, vb, P, bl, q_start, 70, n_splits, bridge)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_splits", [1, 2])
+def test_chunk_causal_with_bridge(n_splits):
+    """A refresh chunk: rows = bridge then response, causal by logical index."""
+    q, kc, vc, kb, vb, P, bl = _case(1, B=2, M=21, Hq=6, Hkv=3, D=32, S=50, kmax=16)
+    bl = torch.tensor([16, 3])
+    got, want = _run_both(q, kc, vc, kb, vb, P, bl, P.clone(), 50, n_splits)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_from_zero_no_bridge_mha():
+    q, kc, vc, kb, vb, P, bl = _case(2, B=2, M=40, Hq=2, Hkv=2, D=16, S=40, kmax=1)
+    got, want = _run_both(q, kc, vc, kb, vb, P, bl, torch.zeros(2, dtype=torch.long), 40, 1, bridge=False)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs():
+    from svgt_fast.kernels.prefix_attention import prefix_attention
+
+    q, kc, vc, kb, vb, P, bl = _case(3, B=2, M=1, Hq=4, Hkv=2, D=16, S=20, kmax=4)
+    with pytest.raises(ValueError, match="dtype"):
+        prefix_attention(q, kc.double(), vc, P, P, bl, kb, vb, 1.0)
+    with pytest.raises(ValueError, match="power of two"):
+        prefix_attention(q[..., :12], kc[..., :12], vc[..., :12], P, P, bl, None, None, 1.0)
+    with pytest.raises(ValueError, match="multiple"):
+        prefix_attention(q[:, :, :3], kc, vc, P, P, bl, kb, vb, 1.0)
+    with pytest.raises(ValueError, match="q_start"):
+        prefix_attention(q, kc, vc, P.float(), P, bl, kb, vb, 1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_low_precision_error_bound(dtype):
+    """Error vs an fp32 reference at most 2x that of the same-dtype PyTorch reference."""
+    args = _case(4, B=4, M=1, Hq=32, Hkv=8, D=128, S=4096, kmax=5, device="cuda", dtype=dtype)
+    q, kc, vc, kb, vb, P, bl = args
+    q_start = torch.full((4,), 4095, device="cuda") + bl
+    from svgt_fast.kernels.prefix_attention import prefix_attention
+
+    exact = prefix_attention_ref(*(t.float() for t in (q, kc, vc)), q_start, P, bl, kb.float(), vb.float(), 0.088)
+    ref = prefix_attention_ref(q, kc, vc, q_start, P, bl, kb, vb, 0.088, compute_dtype=dtype).float()
+    got = prefix_attention(q, kc, vc, q_start, P, bl, kb, vb, 0.088).float()
+    assert (got - exact).abs().max() <= 2 * (ref - exact).abs().max() + 1e-6
