@@ -1,8 +1,9 @@
 """svgt_fast: a fast, correct runtime for value-guided generation (SVGT and friends)."""
 from .api import GenerationOutput, generate
 from .convert import convert_reference_checkpoint
+from .engine import Engine
 from .steering import SVGT
 from .value_module import SVGTConfig, SVGTModule
 
-__all__ = ["GenerationOutput", "generate", "SVGT", "SVGTConfig", "SVGTModule", "convert_reference_checkpoint"]
+__all__ = ["Engine", "GenerationOutput", "generate", "SVGT", "SVGTConfig", "SVGTModule", "convert_reference_checkpoint"]
 __version__ = "0.1.0"

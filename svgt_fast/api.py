@@ -127,7 +127,7 @@ def generate(
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     tokenizer=None,
-    engine="reference",
+    engine="fast",
 ) -> GenerationOutput:
     """Generate with a Hugging Face causal LM, optionally steered by SVGT.
 
@@ -136,8 +136,9 @@ def generate(
     steering: None or `svgt_fast.SVGT(module, ...)`.
     temperature 0 is greedy; otherwise top_k (0 = off) then top_p filter, and a seeded draw
         (row i uses seed + i, so a row's tokens do not depend on the rest of the batch).
-    engine: "reference" (the eager oracle: re-computes everything each step), "fast" (an
-        Engine sized for this call, cached on the model), or an `svgt_fast.Engine` to reuse.
+    engine: "fast" (default: an Engine sized for this call, cached per model), an
+        `svgt_fast.Engine` to reuse, or "reference" (the eager oracle of DESIGN §1, which
+        re-computes the whole sequence every step).
     Returns a GenerationOutput.
     """
     from .engine import Engine

@@ -32,10 +32,13 @@ class Engine:
     max_batch, max_seq_len: cache sizes (max_seq_len counts real tokens: prompt + new tokens).
     max_bridge_tokens: the largest K of any SVGT module used with this engine.
     attention: "torch" (PyTorch reference path), "triton" (our kernels), "auto" (triton on CUDA).
+    cuda_graphs: capture the decode step per batch bucket on CUDA (ignored on CPU).
+    prefill_tokens: prefill runs in chunks of about this many tokens (over the whole batch).
     """
 
     def __init__(self, model, max_batch: int = 8, max_seq_len: int | None = None, dtype: torch.dtype | None = None,
-                 max_bridge_tokens: int = 16, attention: str = "auto"):
+                 max_bridge_tokens: int = 16, attention: str = "auto", cuda_graphs: bool = True,
+                 prefill_tokens: int = 4096):
         self.info = backbone_info(model)
         device, mdtype = model_device_dtype(model)
         if dtype is not None and dtype != mdtype:
@@ -52,6 +55,9 @@ class Engine:
         self.model = model
         self.device, self.dtype = device, mdtype
         self.attention = attention
+        self.cuda_graphs = bool(cuda_graphs)
+        self.prefill_tokens = int(prefill_tokens)
+        self.graphs = {}
         self.max_batch, self.max_seq_len, self.kmax = int(max_batch), max_seq_len, int(max_bridge_tokens)
         with torch.no_grad():
             self.w = ModelWeights.from_hf(model)
@@ -138,76 +144,130 @@ class Engine:
             ids[b, : p.shape[0]] = p.to(dev)
         seeds = row_seeds.to(dev)
         eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=dev)
-        L = len(self.w.layers)
         steer = steering is not None
         K = steering.n_tokens if steer else 0
-        e = steering.module.config.extract_layer if steer else L - 1
         bridge_len = torch.full((B,), K, dtype=torch.long, device=dev)
-        zeros = torch.zeros(B, dtype=torch.long, device=dev)
-        batch = torch.arange(B, device=dev)
         if steer and self.hidden is None:
             self.hidden = torch.zeros(self.max_batch, self.max_seq_len + 1, self.w.hidden_size, device=dev, dtype=self.dtype)
-        timings = {"prefill_s": 0.0, "decode_s": 0.0, "refresh_steps": 0}
+        timings = {"prefill_s": 0.0, "decode_s": 0.0, "refresh_s": 0.0, "refresh_steps": 0, "graph_steps": 0}
 
-        # ---- prefill ---------------------------------------------------------------------------
+        # Before the prefill: capturing a graph runs the step on dummy inputs, which writes slot 0.
+        step = self._decode_runner(B, steering, sampling)
         t0 = time.perf_counter()
-        x = self.w.embed[ids]
-        x = self._layers(x, range(e + 1), zeros, P, bridge_len, False, p_max)
-        bridge = None
-        if steer:
-            self.hidden[:B, :p_max] = x
-            bridge = steering.bridge(x[batch, P - 1])  # [B, K, d], module dtype
-            x = self._assemble_upper(x, bridge, P, K)
-            x = self._layers(x, range(e + 1, L), zeros, P, bridge_len, True, p_max)
-        last = P - 1 + K
-        tok = sample_next(logits_from_hidden(self.w, x[batch, last]), sampling, seeds, 0)
+        logits, bridge = self._prefill(ids, P, bridge_len, steering)
+        tok = sample_next(logits, sampling, seeds, 0)
         out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
         out[:, 0] = tok
-        done |= torch.isin(tok, eos)
+        done = torch.isin(tok, eos)
         timings["prefill_s"] = time.perf_counter() - t0
 
-        # ---- decode ----------------------------------------------------------------------------
         t0 = time.perf_counter()
         for t in range(1, max_new_tokens):
             if t % 8 == 0 and bool(done.all()):  # one host sync every 8 steps to stop early
                 break
-            slot = P + t - 1  # the input token is response token t-1
-            x = self.w.embed[tok][:, None]
-            x = self._layers(x, range(e + 1), slot, P, bridge_len, False, p_max + t)
-            if steer:
-                self.hidden[batch, slot] = x[:, 0]
-                if t % steering.refresh_interval == 0:
-                    h_t = x[:, 0] if steering.trigger == "current" else self.hidden[batch, P - 1]
-                    bridge = ema(bridge, steering.bridge(h_t), steering.beta)
-                    resp = self.hidden[batch[:, None], P[:, None] + torch.arange(t, device=dev)[None]]
-                    x = torch.cat([bridge.to(self.dtype), resp], dim=1)  # rows P .. P+K+t-1
-                    q_start = P
-                    timings["refresh_steps"] += 1
-                else:
-                    q_start = slot + K
-                x = self._layers(x, range(e + 1, L), q_start, P, bridge_len, True, p_max + t)
-            tok = sample_next(logits_from_hidden(self.w, x[:, -1]), sampling, seeds, t)
+            if steer and t % steering.refresh_interval == 0:
+                r0 = time.perf_counter()
+                tok, bridge = self._refresh_step(tok, t, P, bridge_len, bridge, steering, sampling, seeds, p_max)
+                timings["refresh_steps"] += 1
+                timings["refresh_s"] += time.perf_counter() - r0
+            else:
+                tok = step(tok, t, P, bridge_len, seeds, p_max)
             tok = torch.where(done, torch.full_like(tok, pad_id), tok)
             out[:, t] = tok
             done |= torch.isin(tok, eos)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
         timings["decode_s"] = time.perf_counter() - t0
+        timings["graph_steps"] = getattr(step, "replays", 0)
 
         counts = self._counts(out, eos, pad_id)
         width = int(counts.max())
         return out[:, :width], counts, timings
 
-    def _assemble_upper(self, x, bridge, P, K):
-        """[B, Pmax, d] prompt states + [B, K, d] bridge -> [B, Pmax + K, d] rows [prompt_b ; bridge_b ; 0]."""
-        B, p_max, d = x.shape
-        r = torch.arange(p_max + K, device=x.device)[None]
-        Pc = P[:, None]
-        from_prompt = r < Pc
-        from_bridge = (r >= Pc) & (r < Pc + K)
-        prompt_rows = x.gather(1, r.clamp(max=p_max - 1).expand(B, -1)[..., None].expand(-1, -1, d))
-        bridge_rows = bridge.to(x.dtype).gather(1, (r - Pc).clamp(0, K - 1)[..., None].expand(-1, -1, d))
-        zero = torch.zeros((), dtype=x.dtype, device=x.device)
-        return torch.where(from_prompt[..., None], prompt_rows, torch.where(from_bridge[..., None], bridge_rows, zero))
+    # ---- the three kinds of forward ----------------------------------------------------------
+    def _extract_layer(self, steering: SVGT | None) -> int:
+        return steering.module.config.extract_layer if steering is not None else len(self.w.layers) - 1
+
+    def _prefill(self, ids, P, bridge_len, steering):
+        """Prompt forward in chunks of logical rows. Returns (logits [B, V], bridge or None).
+
+        Unsteered, each chunk runs through every layer. Steered, the lower stack runs first
+        over the whole prompt (its extract-layer states fill the hidden cache), the bridge is
+        made from the last prompt token, then the upper stack runs over [prompt ; bridge]."""
+        B, p_max = ids.shape
+        L, e = len(self.w.layers), self._extract_layer(steering)
+        zeros = torch.zeros_like(P)
+        batch = torch.arange(B, device=ids.device)
+        chunk = max(16, self.prefill_tokens // B)
+        last_rows = []
+        for c0 in range(0, p_max, chunk):
+            x = self.w.embed[ids[:, c0:c0 + chunk]]
+            x = self._layers(x, range(e + 1), zeros + c0, P, bridge_len, False, min(p_max, c0 + chunk))
+            if steering is None:
+                last_rows.append(x)
+            else:
+                self.hidden[:B, c0:c0 + x.shape[1]] = x
+        if steering is None:
+            x = torch.cat(last_rows, dim=1) if len(last_rows) > 1 else last_rows[0]
+            return logits_from_hidden(self.w, x[batch, P - 1]), None
+        K = steering.n_tokens
+        bridge = steering.bridge(self.hidden[batch, P - 1])  # [B, K, d], module dtype
+        total = p_max + K
+        last = torch.zeros((B, self.w.hidden_size), device=ids.device, dtype=self.dtype)
+        for c0 in range(0, total, chunk):
+            rows = torch.arange(c0, min(total, c0 + chunk), device=ids.device)
+            x = self._upper_rows(rows, bridge, P, K)
+            x = self._layers(x, range(e + 1, L), zeros + c0, P, bridge_len, True, p_max)
+            hit = (P - 1 + K >= c0) & (P - 1 + K < c0 + rows.numel())
+            idx = (P - 1 + K - c0).clamp(0, rows.numel() - 1)
+            last = torch.where(hit[:, None], x[batch, idx], last)
+        return logits_from_hidden(self.w, last), bridge
+
+    def _upper_rows(self, rows, bridge, P, K):
+        """Upper-stack input for logical rows [R]: prompt states from the hidden cache, then the
+        bridge, zero padding past each sequence's end -> [B, R, d]."""
+        B = P.shape[0]
+        r, Pc = rows[None], P[:, None]
+        prompt = self.hidden[torch.arange(B, device=P.device)[:, None], r.clamp(max=self.max_seq_len).expand(B, -1)]
+        br = bridge.to(self.dtype).gather(1, (r - Pc).clamp(0, K - 1)[..., None].expand(B, -1, bridge.shape[-1]))
+        zero = torch.zeros((), dtype=self.dtype, device=P.device)
+        return torch.where((r < Pc)[..., None], prompt, torch.where((r < Pc + K)[..., None], br, zero))
+
+    def decode_step(self, tok, t, P, bridge_len, seeds, sampling: SamplingParams, steering, n_slots: int):
+        """One token for every row: tok [B] is response token t-1 (slot P + t - 1); returns token t.
+        Static shapes and no host sync (t may be a 0-d device tensor), so it can be graph-captured."""
+        L, e = len(self.w.layers), self._extract_layer(steering)
+        slot = P + t - 1
+        x = self.w.embed[tok][:, None]
+        x = self._layers(x, range(e + 1), slot, P, bridge_len, False, n_slots)
+        if steering is not None:
+            self.hidden[torch.arange(tok.shape[0], device=tok.device), slot] = x[:, 0]
+            x = self._layers(x, range(e + 1, L), slot + bridge_len, P, bridge_len, True, n_slots)
+        return sample_next(logits_from_hidden(self.w, x[:, -1]), sampling, seeds, t)
+
+    def _refresh_step(self, tok, t, P, bridge_len, bridge, steering, sampling, seeds, p_max):
+        """refresh="exact": lower stack for the new token, a new EMA bridge, then the upper stack
+        again over [bridge ; every response token so far] (the prompt's upper K/V are unchanged)."""
+        L, e = len(self.w.layers), self._extract_layer(steering)
+        B = tok.shape[0]
+        batch = torch.arange(B, device=tok.device)
+        slot = P + t - 1
+        x = self._layers(self.w.embed[tok][:, None], range(e + 1), slot, P, bridge_len, False, p_max + t)
+        self.hidden[batch, slot] = x[:, 0]
+        h_t = x[:, 0] if steering.trigger == "current" else self.hidden[batch, P - 1]
+        bridge = ema(bridge, steering.bridge(h_t), steering.beta)
+        resp = self.hidden[batch[:, None], P[:, None] + torch.arange(t, device=tok.device)[None]]
+        x = torch.cat([bridge.to(self.dtype), resp], dim=1)  # logical rows P .. P+K+t-1
+        x = self._layers(x, range(e + 1, L), P, P, bridge_len, True, p_max + t)
+        return sample_next(logits_from_hidden(self.w, x[:, -1]), sampling, seeds, t), bridge
+
+    def _decode_runner(self, B, steering, sampling):
+        if self.cuda_graphs and self.device.type == "cuda":
+            from .cuda_graphs import GraphedDecode
+
+            return GraphedDecode.get(self, B, steering, sampling)
+        return lambda tok, t, P, bridge_len, seeds, p_max: self.decode_step(
+            tok, t, P, bridge_len, seeds, sampling, steering, p_max + t)
 
     @staticmethod
     def _counts(out, eos, pad_id):

@@ -104,3 +104,36 @@ def test_triton_attention_backend_equals_reference(tiny_models, steered):
     eng = Engine(model, max_batch=2, max_seq_len=24, attention="triton")
     fast = generate(model, rows, steering=steering, max_new_tokens=8, engine=eng)
     assert torch.equal(fast.new_tokens, ref.new_tokens)
+
+
+def test_static_decode_step_equals_eager_step(tiny_models):
+    """The graph-captured step is `decode_step` with n_slots = the whole cache and a device step
+    index; on CPU run that exact call eagerly and compare with the trimmed eager step."""
+    model = tiny_models["llama"]
+    steering = SVGT(build_value_module(model, seed=19), refresh_interval=100)
+    rows = ragged_prompts(19, lengths=(4, 7))
+    ref = generate(model, rows, steering=steering, max_new_tokens=6, engine="reference")
+    eng = Engine(model, max_batch=4, max_seq_len=32)
+    calls = []
+
+    def static_runner(B, st, sampling):
+        def run(tok, t, P, bridge_len, seeds, p_max):
+            calls.append(t)
+            return eng.decode_step(tok, torch.tensor(t), P, bridge_len, seeds, sampling, st, eng.max_seq_len)
+        return run
+
+    eng._decode_runner = static_runner
+    fast = generate(model, rows, steering=steering, max_new_tokens=6, engine=eng)
+    assert calls == [1, 2, 3, 4, 5]
+    assert torch.equal(fast.new_tokens, ref.new_tokens)
+
+
+def test_chunked_prefill_equals_reference(tiny_models):
+    model = tiny_models["mistral"]
+    steering = SVGT(build_value_module(model, seed=20, n_intervention_tokens=6), refresh_interval=4)
+    rows = ragged_prompts(20, lengths=(40, 17, 33))
+    eng = Engine(model, max_batch=3, max_seq_len=64, prefill_tokens=48)  # chunks of 16 rows
+    for st in (None, steering):
+        ref = generate(model, rows, steering=st, max_new_tokens=8, engine="reference")
+        fast = generate(model, rows, steering=st, max_new_tokens=8, engine=eng)
+        assert torch.equal(fast.new_tokens, ref.new_tokens)

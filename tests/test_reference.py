@@ -38,13 +38,14 @@ def _right_padded(rows, pad):
 def test_unsteered_greedy_equals_hf_generate(tiny_model):
     ids, mask = _left_padded(ragged_prompts(1), pad=256)
     hf = tiny_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=N_NEW, do_sample=False)
-    ours = generate(tiny_model, ids, attention_mask=mask, max_new_tokens=N_NEW)
+    ours = generate(tiny_model, ids, attention_mask=mask, max_new_tokens=N_NEW, engine="reference")
     assert torch.equal(ours.sequences, hf)
     # EOS: take a token the first row produces mid-way and make it the EOS.
     eos = int(ours.new_tokens[0, 3])
     hf = tiny_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=N_NEW, do_sample=False,
                              eos_token_id=eos, pad_token_id=256)
-    ours = generate(tiny_model, ids, attention_mask=mask, max_new_tokens=N_NEW, eos_token_id=eos, pad_token_id=256)
+    ours = generate(tiny_model, ids, attention_mask=mask, max_new_tokens=N_NEW, eos_token_id=eos, pad_token_id=256,
+                    engine="reference")
     assert torch.equal(ours.sequences, hf)
     first_eos = ours.new_tokens[0].tolist().index(eos)
     assert int(ours.num_new_tokens[0]) == first_eos + 1
@@ -57,10 +58,10 @@ def test_padding_side_does_not_change_tokens(tiny_models):
     rows = ragged_prompts(2)
     for steering in (None, SVGT(module, refresh_interval=3)):
         left = generate(model, *_left_padded(rows, 256)[:1], attention_mask=_left_padded(rows, 256)[1],
-                        steering=steering, max_new_tokens=N_NEW)
+                        steering=steering, max_new_tokens=N_NEW, engine="reference")
         right = generate(model, _right_padded(rows, 256)[0], attention_mask=_right_padded(rows, 256)[1],
-                         steering=steering, max_new_tokens=N_NEW)
-        lists = generate(model, rows, steering=steering, max_new_tokens=N_NEW)
+                         steering=steering, max_new_tokens=N_NEW, engine="reference")
+        lists = generate(model, rows, steering=steering, max_new_tokens=N_NEW, engine="reference")
         assert torch.equal(left.new_tokens, right.new_tokens)
         assert torch.equal(left.new_tokens, lists.new_tokens)
 
@@ -145,7 +146,8 @@ def test_batch_rows_equal_single_runs(tiny_models, temperature):
     model = tiny_models["qwen3"]
     steering = SVGT(build_value_module(model, seed=6), refresh_interval=4)
     rows = ragged_prompts(8)
-    kw = dict(steering=steering, max_new_tokens=N_NEW, temperature=temperature, top_p=0.9, seed=123)
+    kw = dict(steering=steering, max_new_tokens=N_NEW, temperature=temperature, top_p=0.9, seed=123,
+              engine="reference")
     batch = generate(model, rows, **kw)
     for i, r in enumerate(rows):
         alone = generate(model, [r], **dict(kw, seed=123 + i))

@@ -1,0 +1,68 @@
+"""CUDA graphs of the engine's decode step, one per (batch bucket, steering layout, sampling).
+
+The step (`Engine.decode_step`) has static shapes: it attends over the whole cache length and
+lets the kernel's causal bound (read from device tensors) skip unwritten slots, and the step
+index lives in a device tensor. A batch of B rows replays the graph of the smallest bucket >= B;
+the extra rows are dummy sequences in cache rows the batch does not use.
+"""
+from __future__ import annotations
+
+import torch
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def bucket_for(batch: int, max_batch: int) -> int:
+    for b in BUCKETS:
+        if b >= batch:
+            return min(b, max_batch)
+    return max_batch
+
+
+class GraphedDecode:
+    """Callable like the eager step: (tok [B], t, P [B], bridge_len [B], seeds [B], p_max) -> tok."""
+
+    def __init__(self, engine, bucket: int, steering, sampling):
+        self.engine, self.bucket, self.replays = engine, bucket, 0
+        dev = engine.device
+        self.tok = torch.zeros(bucket, dtype=torch.long, device=dev)
+        self.P = torch.ones(bucket, dtype=torch.long, device=dev)
+        self.bridge_len = torch.zeros(bucket, dtype=torch.long, device=dev)
+        self.seeds = torch.zeros(bucket, dtype=torch.long, device=dev)
+        self.t = torch.ones((), dtype=torch.long, device=dev)
+
+        def step():
+            return engine.decode_step(self.tok, self.t, self.P, self.bridge_len, self.seeds, sampling,
+                                      steering, engine.max_seq_len)
+
+        # Warm up on a side stream (compiles the Triton kernels), then capture.
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = step()
+
+    @classmethod
+    def get(cls, engine, batch: int, steering, sampling) -> "GraphedDecode":
+        bucket = bucket_for(batch, engine.max_batch)
+        layout = None if steering is None else (steering.module.config.extract_layer,)
+        key = (bucket, layout, sampling)
+        graph = engine.graphs.get(key)
+        if graph is None:
+            graph = engine.graphs[key] = cls(engine, bucket, steering, sampling)
+        return graph
+
+    def __call__(self, tok, t, P, bridge_len, seeds, p_max):
+        B = tok.shape[0]
+        self.tok[:B].copy_(tok)
+        self.P[:B].copy_(P)
+        self.bridge_len[:B].copy_(bridge_len)
+        self.seeds[:B].copy_(seeds)
+        self.t.fill_(t)
+        self.graph.replay()
+        self.replays += 1
+        return self.out[:B].clone()
