@@ -184,6 +184,20 @@ class Engine:
         width = int(counts.max())
         return out[:, :width], counts, timings
 
+    @torch.no_grad()
+    def prefill_logits(self, prompts: list[torch.Tensor], steering: SVGT | None = None) -> torch.Tensor:
+        """Next-token logits [B, V] after the prompts (the first sampling step), for checks."""
+        self.check_request(prompts, 1, steering)
+        dev = self.device
+        P = torch.tensor([p.shape[0] for p in prompts], device=dev)
+        ids = torch.zeros((len(prompts), int(P.max())), dtype=torch.long, device=dev)
+        for b, p in enumerate(prompts):
+            ids[b, : p.shape[0]] = p.to(dev)
+        K = steering.n_tokens if steering is not None else 0
+        if steering is not None and self.hidden is None:
+            self.hidden = torch.zeros(self.max_batch, self.max_seq_len + 1, self.w.hidden_size, device=dev, dtype=self.dtype)
+        return self._prefill(ids, P, torch.full_like(P, K), steering)[0]
+
     # ---- the three kinds of forward ----------------------------------------------------------
     def _extract_layer(self, steering: SVGT | None) -> int:
         return steering.module.config.extract_layer if steering is not None else len(self.w.layers) - 1
