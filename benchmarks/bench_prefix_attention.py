@@ -46,7 +46,7 @@ def main():
             sets.append((q, kc, vc, kb, vb))
         P = torch.full((B,), ctx // 2, device=dev)
         bl = torch.full((B,), K, device=dev)
-        q_start = torch.full((B,), ctx - 1 + K, device=dev)
+        q_pos = torch.full((B, 1), ctx - 1 + K, device=dev)
         it = [0]
 
         def nxt():
@@ -55,7 +55,7 @@ def main():
 
         def ours():
             q, kc, vc, kb, vb = nxt()
-            prefix_attention(q, kc, vc, q_start, P, bl, kb, vb, D ** -0.5)
+            prefix_attention(q, kc, vc, q_pos, P, bl, kb, vb, D ** -0.5)
 
         def sdpa_no_bridge():
             q, kc, vc, _, _ = nxt()

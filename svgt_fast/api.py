@@ -176,10 +176,16 @@ def generate(
     timings = {}
     if engine == "reference":
         from .reference import generate_row
+        from .reference_modes import generate_row_cached
 
+        # The oracle re-computes everything (refresh "exact"); the approximate refresh modes
+        # have their own eager reference, which keeps the stale K/V those modes define.
+        row_fn = generate_row
+        if steering is not None and steering.refresh != "exact":
+            row_fn = generate_row_cached
         outs = [
-            generate_row(model, p, steering=steering, max_new_tokens=max_new_tokens, sampling=sampling,
-                         row_seed=seed + i, eos_ids=eos)
+            row_fn(model, p, steering=steering, max_new_tokens=max_new_tokens, sampling=sampling,
+                   row_seed=seed + i, eos_ids=eos)
             for i, p in enumerate(prompts)
         ]
         width = max((len(o) for o in outs), default=0)

@@ -76,22 +76,22 @@ class Engine:
         self.hidden = None  # allocated on first steered call
 
     # ------------------------------------------------------------------------------------------
-    def _attend(self, layer: int, q, q_start, prompt_len, bridge_len, use_bridge: bool, n_slots: int):
+    def _attend(self, layer: int, q, q_pos, prompt_len, bridge_len, use_bridge: bool, n_slots: int):
         B = q.shape[0]
         kb, vb = (self.k_bridge[layer, :B], self.v_bridge[layer, :B]) if use_bridge else (None, None)
         kc, vc = self.k_cache[layer, :B], self.v_cache[layer, :B]
         if self.attention == "triton":
             from .kernels.prefix_attention import prefix_attention
 
-            return prefix_attention(q, kc, vc, q_start, prompt_len, bridge_len, kb, vb, self.w.scale, n_slots)
-        return prefix_attention_ref(q, kc, vc, q_start, prompt_len, bridge_len, kb, vb, self.w.scale, n_slots)
+            return prefix_attention(q, kc, vc, q_pos, prompt_len, bridge_len, kb, vb, self.w.scale, n_slots)
+        return prefix_attention_ref(q, kc, vc, q_pos, prompt_len, bridge_len, kb, vb, self.w.scale, n_slots)
 
-    def _layer(self, i: int, x, q_start, prompt_len, bridge_len, use_bridge: bool, n_slots: int):
-        """One decoder layer over a chunk x [B, M, d] whose row r has logical index q_start + r."""
+    def _layer(self, i: int, x, logical, prompt_len, bridge_len, use_bridge: bool, n_slots: int):
+        """One decoder layer over a chunk x [B, M, d]; logical [B, M] is each row's logical index
+        (= its RoPE position and, through logical_to_storage, where its K/V are written)."""
         w = self.w.layers[i]
         B, M, _ = x.shape
         q, k, v = qkv_projection(w, self.w, x)
-        logical = q_start[:, None] + torch.arange(M, device=x.device)[None]
         pos = logical.clamp(max=self.cos.shape[0] - 1)  # padding rows may run past the table
         cos, sin = self.cos[pos], self.sin[pos]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -106,12 +106,12 @@ class Engine:
         if use_bridge:
             self.k_bridge[i][rows, :, br_slot] = k
             self.v_bridge[i][rows, :, br_slot] = v
-        attn = self._attend(i, q, q_start, prompt_len, kb, use_bridge, n_slots)
+        attn = self._attend(i, q, logical, prompt_len, kb, use_bridge, n_slots)
         return attention_output_and_mlp(w, x, attn.reshape(B, M, -1))
 
-    def _layers(self, x, layer_ids, q_start, prompt_len, bridge_len, use_bridge, n_slots):
+    def _layers(self, x, layer_ids, logical, prompt_len, bridge_len, use_bridge, n_slots):
         for i in layer_ids:
-            x = self._layer(i, x, q_start, prompt_len, bridge_len, use_bridge, n_slots)
+            x = self._layer(i, x, logical, prompt_len, bridge_len, use_bridge, n_slots)
         return x
 
     # ------------------------------------------------------------------------------------------
@@ -210,13 +210,13 @@ class Engine:
         made from the last prompt token, then the upper stack runs over [prompt ; bridge]."""
         B, p_max = ids.shape
         L, e = len(self.w.layers), self._extract_layer(steering)
-        zeros = torch.zeros_like(P)
         batch = torch.arange(B, device=ids.device)
         chunk = max(16, self.prefill_tokens // B)
         last_rows = []
         for c0 in range(0, p_max, chunk):
             x = self.w.embed[ids[:, c0:c0 + chunk]]
-            x = self._layers(x, range(e + 1), zeros + c0, P, bridge_len, False, min(p_max, c0 + chunk))
+            logical = self._rows(c0, x.shape[1], B)
+            x = self._layers(x, range(e + 1), logical, P, bridge_len, False, min(p_max, c0 + chunk))
             if steering is None:
                 last_rows.append(x)
             else:
@@ -231,11 +231,15 @@ class Engine:
         for c0 in range(0, total, chunk):
             rows = torch.arange(c0, min(total, c0 + chunk), device=ids.device)
             x = self._upper_rows(rows, bridge, P, K)
-            x = self._layers(x, range(e + 1, L), zeros + c0, P, bridge_len, True, p_max)
+            x = self._layers(x, range(e + 1, L), self._rows(c0, rows.numel(), B), P, bridge_len, True, p_max)
             hit = (P - 1 + K >= c0) & (P - 1 + K < c0 + rows.numel())
             idx = (P - 1 + K - c0).clamp(0, rows.numel() - 1)
             last = torch.where(hit[:, None], x[batch, idx], last)
         return logits_from_hidden(self.w, last), bridge
+
+    def _rows(self, start: int, n: int, B: int) -> torch.Tensor:
+        """Logical indices start..start+n-1 for every sequence: [B, n]."""
+        return torch.arange(start, start + n, device=self.device)[None].expand(B, n)
 
     def _upper_rows(self, rows, bridge, P, K):
         """Upper-stack input for logical rows [R]: prompt states from the hidden cache, then the
@@ -253,27 +257,56 @@ class Engine:
         L, e = len(self.w.layers), self._extract_layer(steering)
         slot = P + t - 1
         x = self.w.embed[tok][:, None]
-        x = self._layers(x, range(e + 1), slot, P, bridge_len, False, n_slots)
+        x = self._layers(x, range(e + 1), slot[:, None], P, bridge_len, False, n_slots)
         if steering is not None:
             self.hidden[torch.arange(tok.shape[0], device=tok.device), slot] = x[:, 0]
-            x = self._layers(x, range(e + 1, L), slot + bridge_len, P, bridge_len, True, n_slots)
+            x = self._layers(x, range(e + 1, L), (slot + bridge_len)[:, None], P, bridge_len, True, n_slots)
         return sample_next(logits_from_hidden(self.w, x[:, -1]), sampling, seeds, t)
 
     def _refresh_step(self, tok, t, P, bridge_len, bridge, steering, sampling, seeds, p_max):
-        """refresh="exact": lower stack for the new token, a new EMA bridge, then the upper stack
-        again over [bridge ; every response token so far] (the prompt's upper K/V are unchanged)."""
+        """A decode step with a bridge refresh. The lower stack runs for the new token, the EMA
+        bridge is updated, then by refresh mode (DESIGN §2):
+          exact     — the upper stack again over [bridge ; every response token so far];
+          window=W  — over [bridge ; the last W response tokens before this one ; this one];
+          bridge    — over [bridge ; this token] (window=0): older response K/V stay stale;
+          project   — bridge K/V = each upper layer's k/v projection of the raw bridge vector
+                      (RoPE on keys, no norm, no propagation), then a plain decode of this token.
+        The prompt's upper K/V never change."""
         L, e = len(self.w.layers), self._extract_layer(steering)
-        B = tok.shape[0]
-        batch = torch.arange(B, device=tok.device)
+        B, dev = tok.shape[0], tok.device
+        batch = torch.arange(B, device=dev)
         slot = P + t - 1
-        x = self._layers(self.w.embed[tok][:, None], range(e + 1), slot, P, bridge_len, False, p_max + t)
+        x = self._layers(self.w.embed[tok][:, None], range(e + 1), slot[:, None], P, bridge_len, False, p_max + t)
         self.hidden[batch, slot] = x[:, 0]
         h_t = x[:, 0] if steering.trigger == "current" else self.hidden[batch, P - 1]
         bridge = ema(bridge, steering.bridge(h_t), steering.beta)
-        resp = self.hidden[batch[:, None], P[:, None] + torch.arange(t, device=tok.device)[None]]
-        x = torch.cat([bridge.to(self.dtype), resp], dim=1)  # logical rows P .. P+K+t-1
-        x = self._layers(x, range(e + 1, L), P, P, bridge_len, True, p_max + t)
+        mode, window = steering.refresh_spec
+        K = steering.n_tokens
+        if mode == "project":
+            self._project_bridge(bridge.to(self.dtype), P, range(e + 1, L))
+            logical = (slot + bridge_len)[:, None]
+        else:
+            j0 = 0 if mode == "exact" else max(0, t - 1 - window)
+            resp = self.hidden[batch[:, None], P[:, None] + torch.arange(j0, t, device=dev)[None]]
+            x = torch.cat([bridge.to(self.dtype), resp], dim=1)
+            logical = torch.cat([P[:, None] + torch.arange(K, device=dev)[None],
+                                 (P + K)[:, None] + torch.arange(j0, t, device=dev)[None]], dim=1)
+        x = self._layers(x, range(e + 1, L), logical, P, bridge_len, True, p_max + t)
         return sample_next(logits_from_hidden(self.w, x[:, -1]), sampling, seeds, t), bridge
+
+    def _project_bridge(self, bridge, P, layer_ids):
+        """refresh="project": write k_proj/v_proj(bridge) (keys rotated at P..P+K-1) into the
+        bridge buffer of each listed layer. bridge [B, K, d] in the model dtype."""
+        B, K, _ = bridge.shape
+        Hq, Hkv, D = self.w.n_heads, self.w.n_kv_heads, self.w.head_dim
+        pos = P[:, None] + torch.arange(K, device=bridge.device)[None]
+        cos, sin = self.cos[pos], self.sin[pos]
+        for i in layer_ids:
+            w = self.w.layers[i]
+            bias = None if w.bqkv is None else w.bqkv[Hq * D:]
+            k, v = torch.nn.functional.linear(bridge, w.wqkv[Hq * D:], bias).view(B, K, 2, Hkv, D).unbind(2)
+            self.k_bridge[i, :B, :, :K] = apply_rope(k, cos, sin).transpose(1, 2)
+            self.v_bridge[i, :B, :, :K] = v.transpose(1, 2)
 
     def _decode_runner(self, B, steering, sampling):
         if self.cuda_graphs and self.device.type == "cuda":

@@ -137,7 +137,7 @@ def generate_row(
                 bridge = steering.bridge(hidden[P - 1][None])[0]
             elif t % steering.refresh_interval == 0:
                 h_t = hidden[-1] if steering.trigger == "current" else hidden[P - 1]
-                bridge = steering.refresh(bridge[None], h_t[None])[0]
+                bridge = steering.refresh_bridge(bridge[None], h_t[None])[0]
             upper_in = torch.cat([hidden[:P], bridge.to(hidden.dtype), hidden[P:]], dim=0)
             logits = _UPPER[formulation](model, upper_in, e)
         if trace is not None:

@@ -8,6 +8,20 @@ import torch
 from .value_module import SVGTModule
 
 TRIGGERS = ("current", "prompt")
+REFRESH_MODES = ("exact", "bridge", "project", "window=W")
+
+
+def parse_refresh(refresh: str) -> tuple[str, int | None]:
+    """"exact" | "bridge" | "project" | "window=W" (W >= 0) -> (mode, W); "bridge" is window=0."""
+    if refresh in ("exact", "project"):
+        return refresh, None
+    if refresh == "bridge":
+        return "window", 0
+    if isinstance(refresh, str) and refresh.startswith("window="):
+        w = refresh[len("window="):]
+        if w.isdigit():
+            return "window", int(w)
+    raise ValueError(f"refresh must be one of {REFRESH_MODES} (W an int >= 0), got {refresh!r}")
 
 
 def ema(old: torch.Tensor, new: torch.Tensor, beta: float) -> torch.Tensor:
@@ -25,6 +39,10 @@ class SVGT:
     trigger: "current" — the refresh reads the extract-layer state of the newest token (dynamic
         anchors); "prompt" — it always reads the last prompt token (the authors' recompute path).
     gradient_step_size: strength of the discriminator's gradient delta δz.
+    refresh: how a refresh reaches the KV cache (engine="fast"): "exact" (the reference
+        semantics: bridge and every response token re-run through the upper stack), "window=W"
+        (bridge + the last W response tokens), "bridge" (bridge only), "project" (the authors'
+        shortcut: k/v projections of the raw bridge vector). The reference engine runs "exact".
     """
 
     module: SVGTModule
@@ -32,6 +50,7 @@ class SVGT:
     beta: float = 0.8
     trigger: str = "current"
     gradient_step_size: float = 1.0
+    refresh: str = "exact"
 
     def __post_init__(self):
         if not isinstance(self.module, SVGTModule):
@@ -44,6 +63,11 @@ class SVGT:
             raise ValueError(f"trigger must be one of {TRIGGERS}, got {self.trigger!r}")
         if not (self.gradient_step_size >= 0.0):
             raise ValueError(f"gradient_step_size must be >= 0, got {self.gradient_step_size}")
+        parse_refresh(self.refresh)
+
+    @property
+    def refresh_spec(self) -> tuple[str, int | None]:
+        return parse_refresh(self.refresh)
 
     @property
     def n_tokens(self) -> int:
@@ -52,5 +76,6 @@ class SVGT:
     def bridge(self, trigger: torch.Tensor) -> torch.Tensor:
         return self.module.bridge(trigger, self.gradient_step_size)
 
-    def refresh(self, bridge: torch.Tensor, trigger: torch.Tensor) -> torch.Tensor:
+    def refresh_bridge(self, bridge: torch.Tensor, trigger: torch.Tensor) -> torch.Tensor:
+        """EMA of the old bridge [B, K, d] and a new one from trigger [B, d]."""
         return ema(bridge, self.bridge(trigger), self.beta)

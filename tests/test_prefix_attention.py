@@ -21,10 +21,12 @@ def _case(seed, B, M, Hq, Hkv, D, S, kmax, device="cpu", dtype=torch.float32, no
     return [to(t) for t in (q, kc, vc, kb, vb)] + [P.to(device), bl.to(device)]
 
 
-def _run_both(q, kc, vc, kb, vb, P, bl, q_start, n_slots, n_splits, bridge=True):
+def _run_both(q, kc, vc, kb, vb, P, bl, q_start, n_slots, n_splits, bridge=True, q_pos=None):
     from svgt_fast.kernels.prefix_attention import prefix_attention
 
-    args = (q, kc, vc, q_start, P, bl, kb if bridge else None, vb if bridge else None, 0.25)
+    if q_pos is None:
+        q_pos = q_start[:, None] + torch.arange(q.shape[1])[None]
+    args = (q, kc, vc, q_pos, P, bl, kb if bridge else None, vb if bridge else None, 0.25)
     got = prefix_attention(*args, n_slots=n_slots, n_splits=n_splits)
     want = prefix_attention_ref(*args, n_slots=n_slots)
     return got, want
@@ -51,6 +53,21 @@ def test_chunk_causal_with_bridge(n_splits):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_gapped_rows_bridge_then_window():
+    """A window refresh chunk: K bridge rows, then the last W response rows (a gap between)."""
+    q, kc, vc, kb, vb, P, bl = _case(5, B=2, M=9, Hq=4, Hkv=1, D=16, S=60, kmax=5)
+    bl = torch.tensor([5, 2])
+    t = torch.tensor([30, 12])  # response tokens so far
+    rows = []
+    for b in range(2):
+        bridge_rows = P[b] + torch.arange(5).clamp(max=int(bl[b]) - 1)
+        window = P[b] + bl[b] + t[b] - 4 + torch.arange(4)
+        rows.append(torch.cat([bridge_rows, window]))
+    q_pos = torch.stack(rows)
+    got, want = _run_both(q, kc, vc, kb, vb, P, bl, None, 60, 2, q_pos=q_pos)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_prefill_from_zero_no_bridge_mha():
     q, kc, vc, kb, vb, P, bl = _case(2, B=2, M=40, Hq=2, Hkv=2, D=16, S=40, kmax=1)
     got, want = _run_both(q, kc, vc, kb, vb, P, bl, torch.zeros(2, dtype=torch.long), 40, 1, bridge=False)
@@ -62,13 +79,15 @@ def test_bad_inputs():
 
     q, kc, vc, kb, vb, P, bl = _case(3, B=2, M=1, Hq=4, Hkv=2, D=16, S=20, kmax=4)
     with pytest.raises(ValueError, match="dtype"):
-        prefix_attention(q, kc.double(), vc, P, P, bl, kb, vb, 1.0)
+        prefix_attention(q, kc.double(), vc, P[:, None], P, bl, kb, vb, 1.0)
     with pytest.raises(ValueError, match="power of two"):
-        prefix_attention(q[..., :12], kc[..., :12], vc[..., :12], P, P, bl, None, None, 1.0)
+        prefix_attention(q[..., :12], kc[..., :12], vc[..., :12], P[:, None], P, bl, None, None, 1.0)
     with pytest.raises(ValueError, match="multiple"):
-        prefix_attention(q[:, :, :3], kc, vc, P, P, bl, kb, vb, 1.0)
-    with pytest.raises(ValueError, match="q_start"):
-        prefix_attention(q, kc, vc, P.float(), P, bl, kb, vb, 1.0)
+        prefix_attention(q[:, :, :3], kc, vc, P[:, None], P, bl, kb, vb, 1.0)
+    with pytest.raises(ValueError, match="q_pos"):
+        prefix_attention(q, kc, vc, P[:, None].float(), P, bl, kb, vb, 1.0)
+    with pytest.raises(ValueError, match="q_pos"):
+        prefix_attention(q, kc, vc, P, P, bl, kb, vb, 1.0)
 
 
 @pytest.mark.gpu
@@ -78,10 +97,10 @@ def test_gpu_low_precision_error_bound(dtype):
     """Error vs an fp32 reference at most 2x that of the same-dtype PyTorch reference."""
     args = _case(4, B=4, M=1, Hq=32, Hkv=8, D=128, S=4096, kmax=5, device="cuda", dtype=dtype)
     q, kc, vc, kb, vb, P, bl = args
-    q_start = torch.full((4,), 4095, device="cuda") + bl
+    q_pos = (torch.full((4,), 4095, device="cuda") + bl)[:, None]
     from svgt_fast.kernels.prefix_attention import prefix_attention
 
-    exact = prefix_attention_ref(*(t.float() for t in (q, kc, vc)), q_start, P, bl, kb.float(), vb.float(), 0.088)
-    ref = prefix_attention_ref(q, kc, vc, q_start, P, bl, kb, vb, 0.088, compute_dtype=dtype).float()
-    got = prefix_attention(q, kc, vc, q_start, P, bl, kb, vb, 0.088).float()
+    exact = prefix_attention_ref(*(t.float() for t in (q, kc, vc)), q_pos, P, bl, kb.float(), vb.float(), 0.088)
+    ref = prefix_attention_ref(q, kc, vc, q_pos, P, bl, kb, vb, 0.088, compute_dtype=dtype).float()
+    got = prefix_attention(q, kc, vc, q_pos, P, bl, kb, vb, 0.088).float()
     assert (got - exact).abs().max() <= 2 * (ref - exact).abs().max() + 1e-6

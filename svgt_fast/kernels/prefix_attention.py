@@ -7,7 +7,7 @@ the M rows into one block of BLOCK_M rows, so each K/V tile is loaded once for a
 Split-K: long token ranges are cut into `n_splits` programs whose partial (acc, max, sum) are
 merged afterwards; the bridge tile is read by split 0 only.
 
-Math, per query row r = (m, g) of sequence b, KV head h, query head h*G + g, logical qi = q_start[b] + m:
+Math, per query row r = (m, g) of sequence b, KV head h, query head h*G + g, logical qi = q_pos[b, m]:
     keys   = { token slot s : s < n_slots, logical(s) <= qi } ∪ { bridge j : j < bridge_len[b], P + j <= qi }
     out[r] = softmax(q_r · k^T * scale) · v   (fp32 accumulation)
 """
@@ -23,13 +23,14 @@ from .reference import prefix_attention_ref  # noqa: F401  (the op's reference, 
 @triton.jit
 def _prefix_attention_kernel(
     Q, KC, VC, KB, VB, OUT, PART_ACC, PART_ML,
-    q_start_ptr, prompt_len_ptr, bridge_len_ptr,
+    q_pos_ptr, prompt_len_ptr, bridge_len_ptr,
     s_qb, s_qm, s_qh, s_qd,
     s_kb, s_kh, s_ks, s_kd,
     s_vb, s_vh, s_vs, s_vd,
     s_bb, s_bh, s_bs, s_bd,
     s_wb, s_wh, s_ws, s_wd,
     s_ob, s_om, s_oh, s_od,
+    s_pb, s_pm,
     M, n_slots, slots_per_split, scale,
     G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, KMAX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_BR: tl.constexpr,
@@ -45,13 +46,12 @@ def _prefix_attention_kernel(
     m_idx = rows // G
     qh = h * G + rows % G
     row_ok = m_idx < M
-    q_start = tl.load(q_start_ptr + b).to(tl.int64)
+    qi = tl.load(q_pos_ptr + b * s_pb + m_idx * s_pm, mask=row_ok, other=-1).to(tl.int64)  # logical
     P = tl.load(prompt_len_ptr + b).to(tl.int64)
     if HAS_BRIDGE:
         kb = tl.load(bridge_len_ptr + b).to(tl.int64)
     else:
         kb = 0
-    qi = q_start + m_idx  # logical index of each row
     offs_d = tl.arange(0, D)
     q = tl.load(Q + b * s_qb + m_idx[:, None] * s_qm + qh[:, None] * s_qh + offs_d[None, :] * s_qd,
                 mask=row_ok[:, None], other=0.0)
@@ -60,10 +60,10 @@ def _prefix_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
 
-    # Token slots of this split; no slot beyond the block's last logical index can be visible.
-    last_m = tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, M * G - 1) // G
+    # Token slots of this split; a slot's logical index is >= the slot, so none beyond the
+    # block's largest logical index can be visible.
     lo = split * slots_per_split
-    hi = tl.minimum(tl.minimum(lo + slots_per_split, n_slots), q_start + last_m + 1)
+    hi = tl.minimum(tl.minimum(lo + slots_per_split, n_slots), tl.max(qi, 0) + 1)
     for start in range(lo, hi, BLOCK_N):
         slots = start + tl.arange(0, BLOCK_N)
         valid = slots < hi
@@ -137,7 +137,7 @@ def prefix_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    q_start: torch.Tensor,
+    q_pos: torch.Tensor,
     prompt_len: torch.Tensor,
     bridge_len: torch.Tensor,
     k_bridge: torch.Tensor | None,
@@ -149,7 +149,8 @@ def prefix_attention(
     """Triton prefix attention; same arguments and result as `prefix_attention_ref`.
 
     q [B, M, Hq, D]; k_cache, v_cache [B, Hkv, S, D]; k_bridge, v_bridge [B, Hkv, Kmax, D] or
-    None; q_start, prompt_len, bridge_len [B] int. Any strides; D a power of two >= 16.
+    None; q_pos [B, M] int (logical index per query row); prompt_len, bridge_len [B] int.
+    Any strides; D a power of two >= 16.
     n_slots: token slots that may be read (default S). n_splits: split-K (default: heuristic).
     Returns a new [B, M, Hq, D] tensor in q's dtype.
     """
@@ -165,9 +166,10 @@ def prefix_attention(
         raise ValueError(f"prefix_attention: {Hq} query heads not a multiple of {Hkv} KV heads")
     if D < 16 or D & (D - 1):
         raise ValueError(f"prefix_attention: head_dim {D} must be a power of two >= 16")
-    for name, t in (("q_start", q_start), ("prompt_len", prompt_len), ("bridge_len", bridge_len)):
-        if t.shape != (B,) or t.dtype not in (torch.int32, torch.int64) or t.device != q.device:
-            raise ValueError(f"prefix_attention: {name} must be an int tensor [B={B}] on {q.device}")
+    for name, t, shape in (("q_pos", q_pos, (B, M)), ("prompt_len", prompt_len, (B,)), ("bridge_len", bridge_len, (B,))):
+        if tuple(t.shape) != shape or t.dtype not in (torch.int32, torch.int64) or t.device != q.device:
+            raise ValueError(f"prefix_attention: {name} must be an int tensor {list(shape)} on {q.device}, "
+                             f"got {t.dtype} {tuple(t.shape)} on {t.device}")
     has_bridge = k_bridge is not None
     if has_bridge:
         for name, t in (("k_bridge", k_bridge), ("v_bridge", v_bridge)):
@@ -196,8 +198,9 @@ def prefix_attention(
     grid = (B * Hkv, grid_m, n_splits)
     _prefix_attention_kernel[grid](
         q, k_cache, v_cache, k_bridge, v_bridge, out, part_acc, part_ml,
-        q_start, prompt_len, bridge_len,
+        q_pos, prompt_len, bridge_len,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *k_bridge.stride(), *v_bridge.stride(), *out.stride(),
+        *q_pos.stride(),
         M, n_slots, per_split, float(scale),
         G=G, HKV=Hkv, D=D, KMAX=kmax, BLOCK_M=block_m, BLOCK_N=64 if D <= 128 else 32,
         BLOCK_BR=max(16, triton.next_power_of_2(kmax)), HAS_BRIDGE=has_bridge, SPLIT=split,

@@ -17,7 +17,7 @@ def prefix_attention_ref(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    q_start: torch.Tensor,
+    q_pos: torch.Tensor,
     prompt_len: torch.Tensor,
     bridge_len: torch.Tensor,
     k_bridge: torch.Tensor | None,
@@ -28,9 +28,10 @@ def prefix_attention_ref(
 ) -> torch.Tensor:
     """Attention of queries over [token cache ; bridge buffer] in the logical order above.
 
-    q: [B, M, Hq, D], query row i of sequence b has logical index q_start[b] + i.
+    q: [B, M, Hq, D]; q_pos: [B, M] int, the logical index of each query row (rows need not be
+        contiguous: a refresh chunk is [bridge rows ; a window of response rows]).
     k_cache, v_cache: [B, Hkv, S, D] (slots >= n_slots are never read).
-    q_start, prompt_len, bridge_len: [B] int (bridge_len in 0..Kmax; ignored without a bridge).
+    prompt_len, bridge_len: [B] int (bridge_len in 0..Kmax; ignored without a bridge).
     k_bridge, v_bridge: [B, Hkv, Kmax, D] or None.
     compute_dtype: dtype of the two matmuls (fp32 default; a low-precision run gives the error
         yardstick for kernels); the softmax is always fp32.
@@ -50,7 +51,7 @@ def prefix_attention_ref(
         key_logical = torch.cat([key_logical, bridge_logical], dim=1)
         keys = torch.cat([keys, k_bridge], dim=2)
         vals = torch.cat([vals, v_bridge], dim=2)
-    qi = q_start[:, None] + torch.arange(M, device=dev)[None]  # [B, M]
+    qi = q_pos  # [B, M]
     mask = key_logical[:, None, :] <= qi[:, :, None]  # [B, M, N]
     Hkv = keys.shape[1]
     keys = keys.repeat_interleave(Hq // Hkv, dim=1).to(compute_dtype)

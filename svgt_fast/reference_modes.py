@@ -1,0 +1,120 @@
+"""Eager references of the approximate refresh modes (window=W, bridge, project) — and of
+"exact" again — written on the HF decoder layers with an *inline* KV layout.
+
+Unlike the engine (own forward, bridge in a separate buffer), this keeps one cache per layer
+laid out as the sequence itself: lower layers [prompt | response], upper layers
+[prompt | bridge | response], so a row's cache index is its RoPE position. Every operation is
+"write these rows at these indices, then attend to every index <= the row's own": a decode
+step, the prefill, a bridge re-computation (indices P..P+K-1) and a window re-computation (the
+bridge plus the last W response indices; the response entries between stay stale).
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from .backbone import backbone_parts
+from .sampling import SamplingParams, sample_next
+from .steering import SVGT, ema
+
+
+class _InlineCache:
+    """Duck-typed HF cache: `update` writes the chunk's K/V at `self.index` and returns the
+    layer's cache up to the chunk's last index."""
+
+    def __init__(self):
+        self.k, self.v, self.index = {}, {}, None
+
+    def update(self, k, v, layer_idx, *args, **kwargs):
+        idx = self.index
+        end = int(idx.max()) + 1
+        if layer_idx not in self.k:
+            self.k[layer_idx] = k.new_zeros(k.shape[0], k.shape[1], 0, k.shape[3])
+            self.v[layer_idx] = v.new_zeros(v.shape[0], v.shape[1], 0, v.shape[3])
+        ck, cv = self.k[layer_idx], self.v[layer_idx]
+        if ck.shape[2] < end:
+            pad = end - ck.shape[2]
+            ck = torch.cat([ck, ck.new_zeros(*ck.shape[:2], pad, ck.shape[3])], dim=2)
+            cv = torch.cat([cv, cv.new_zeros(*cv.shape[:2], pad, cv.shape[3])], dim=2)
+        ck[:, :, idx], cv[:, :, idx] = k, v
+        self.k[layer_idx], self.v[layer_idx] = ck, cv
+        return ck[:, :, :end], cv[:, :, :end]
+
+
+def _run(model, cache: _InlineCache, x: torch.Tensor, idx: torch.Tensor, layer_ids) -> torch.Tensor:
+    """Rows x [M, d] at cache indices / positions idx [M] through the listed HF decoder layers."""
+    inner, layers, _ = backbone_parts(model)
+    cache.index = idx
+    end = int(idx.max()) + 1
+    rope = inner.rotary_emb(x[None], position_ids=idx[None])
+    visible = torch.arange(end, device=x.device)[None] <= idx[:, None]
+    mask = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill(~visible, torch.finfo(x.dtype).min)
+    h = x[None]
+    for i in layer_ids:
+        h = layers[i](h, attention_mask=mask[None, None], position_ids=idx[None], past_key_values=cache,
+                      use_cache=True, position_embeddings=rope)
+        if isinstance(h, tuple):
+            h = h[0]
+    return h[0]
+
+
+def _project(model, cache: _InlineCache, bridge: torch.Tensor, P: int, layer_ids) -> None:
+    """The authors' shortcut: k_proj / v_proj of the raw bridge, keys rotated at P..P+K-1."""
+    inner, layers, _ = backbone_parts(model)
+    K = bridge.shape[0]
+    idx = torch.arange(P, P + K, device=bridge.device)
+    cos, sin = inner.rotary_emb(bridge[None], position_ids=idx[None])
+    for i in layer_ids:
+        att = layers[i].self_attn
+        rope = sys.modules[type(att).__module__].apply_rotary_pos_emb
+        k = att.k_proj(bridge).view(1, K, -1, att.head_dim).transpose(1, 2)
+        v = att.v_proj(bridge).view(1, K, -1, att.head_dim).transpose(1, 2)
+        k, _ = rope(k, k, cos, sin)
+        cache.k[i][:, :, idx], cache.v[i][:, :, idx] = k, v
+
+
+@torch.no_grad()
+def generate_row_cached(model, prompt: torch.Tensor, *, steering: SVGT, max_new_tokens: int,
+                        sampling: SamplingParams, row_seed: int, eos_ids: frozenset[int],
+                        trace: list | None = None) -> list[int]:
+    """One unpadded prompt [P] under `steering.refresh`; returns the new token ids."""
+    inner, layers, lm_head = backbone_parts(model)
+    L, e, K = len(layers), steering.module.config.extract_layer, steering.n_tokens
+    mode, window = steering.refresh_spec
+    dev = prompt.device
+    seeds = torch.tensor([row_seed], dtype=torch.int64, device=dev)
+    lower, upper = _InlineCache(), _InlineCache()
+    P = prompt.shape[0]
+    ar = lambda a, b: torch.arange(a, b, device=dev)
+
+    h_prompt = _run(model, lower, inner.embed_tokens(prompt), ar(0, P), range(e + 1))
+    bridge = steering.bridge(h_prompt[P - 1][None])[0]
+    y = _run(model, upper, torch.cat([h_prompt, bridge.to(h_prompt.dtype)]), ar(0, P + K), range(e + 1, L))
+    h_resp: list[torch.Tensor] = []
+    new: list[int] = []
+    for t in range(max_new_tokens):
+        if t > 0:
+            tok = torch.tensor([new[-1]], device=dev)
+            h = _run(model, lower, inner.embed_tokens(tok), ar(P + t - 1, P + t), range(e + 1))[0]
+            h_resp.append(h)
+            rows, idx = h[None], ar(P + K + t - 1, P + K + t)
+            if t % steering.refresh_interval == 0:
+                h_t = h if steering.trigger == "current" else h_prompt[P - 1]
+                bridge = ema(bridge, steering.bridge(h_t[None])[0], steering.beta)
+                b = bridge.to(h.dtype)
+                if mode == "project":
+                    _project(model, upper, b, P, range(e + 1, L))
+                else:
+                    j0 = 0 if mode == "exact" else max(0, t - 1 - window)
+                    rows = torch.cat([b, torch.stack(h_resp[j0:])])
+                    idx = torch.cat([ar(P, P + K), ar(P + K + j0, P + K + t)])
+            y = _run(model, upper, rows, idx, range(e + 1, L))
+        logits = lm_head(inner.norm(y[-1]))
+        if trace is not None:
+            trace.append(logits.float().clone())
+        nxt = int(sample_next(logits[None], sampling, seeds, t)[0])
+        new.append(nxt)
+        if nxt in eos_ids:
+            break
+    return new

@@ -1,0 +1,76 @@
+"""Refresh modes (DESIGN §2): the engine against the inline-cache eager reference of each mode,
+and the modes against each other where their definitions say they must agree."""
+import pytest
+import torch
+
+from svgt_fast import SVGT, generate
+from svgt_fast.reference_modes import generate_row_cached
+from svgt_fast.sampling import SamplingParams
+from svgt_fast.steering import parse_refresh
+from svgt_fast.tiny import build_value_module
+
+from helpers import ragged_prompts
+
+N_NEW = 14
+
+
+def _cached(model, rows, steering, trace=None):
+    return [generate_row_cached(model, torch.tensor(r), steering=steering, max_new_tokens=N_NEW,
+                                sampling=SamplingParams(), row_seed=0, eos_ids=frozenset(), trace=trace)
+            for r in rows]
+
+
+@pytest.mark.parametrize("refresh", ["exact", "window=3", "bridge", "project"])
+def test_engine_equals_mode_reference(tiny_model, refresh):
+    steering = SVGT(build_value_module(tiny_model, seed=40), refresh_interval=3, refresh=refresh)
+    rows = ragged_prompts(40, lengths=(6, 11, 3))
+    fast = generate(tiny_model, rows, steering=steering, max_new_tokens=N_NEW, engine="fast")
+    assert fast.new_tokens.tolist() == _cached(tiny_model, rows, steering)
+
+
+def test_inline_reference_exact_equals_oracle(tiny_models):
+    model = tiny_models["qwen2"]
+    steering = SVGT(build_value_module(model, seed=41, generator="mlp"), refresh_interval=2, refresh="exact")
+    rows = ragged_prompts(41, lengths=(7, 4))
+    oracle = generate(model, rows, steering=steering, max_new_tokens=N_NEW, engine="reference")
+    assert oracle.new_tokens.tolist() == _cached(model, rows, steering)
+
+
+def test_mode_nesting(tiny_models):
+    """window >= every response token is exact; bridge is window=0."""
+    model = tiny_models["llama"]
+    module = build_value_module(model, seed=42)
+    rows = ragged_prompts(42, lengths=(5, 9))
+    run = lambda refresh: generate(model, rows, max_new_tokens=N_NEW, engine="fast",
+                                   steering=SVGT(module, refresh_interval=2, refresh=refresh)).new_tokens
+    assert torch.equal(run("window=100"), run("exact"))
+    assert torch.equal(run("window=0"), run("bridge"))
+
+
+def test_approximate_modes_really_differ_from_exact(tiny_models):
+    """Stale response K/V (bridge) and the projection shortcut change the logits after a refresh."""
+    model = tiny_models["mistral"]
+    module = build_value_module(model, seed=43)
+    prompt = ragged_prompts(43, lengths=(8,))
+    traces = {}
+    for refresh in ("exact", "bridge", "project"):
+        traces[refresh] = []
+        _cached(model, prompt, SVGT(module, refresh_interval=4, refresh=refresh), trace=traces[refresh])
+    for mode in ("bridge", "project"):
+        # Identical up to the first refresh (step 4), different from it on.
+        for t in range(4):
+            torch.testing.assert_close(traces[mode][t], traces["exact"][t], rtol=1e-5, atol=1e-5)
+        assert (traces[mode][4] - traces["exact"][4]).abs().max() > 1e-3, mode
+
+
+@pytest.mark.parametrize("bad", ["window=-1", "window=", "windows", "exact2", "window=2.5", 3])
+def test_bad_refresh_option(bad):
+    with pytest.raises(ValueError, match="refresh must be one of"):
+        parse_refresh(bad)
+
+
+def test_parse_refresh():
+    assert parse_refresh("exact") == ("exact", None)
+    assert parse_refresh("bridge") == ("window", 0)
+    assert parse_refresh("window=7") == ("window", 7)
+    assert parse_refresh("project") == ("project", None)
