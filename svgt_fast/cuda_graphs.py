@@ -20,7 +20,7 @@ def bucket_for(batch: int, max_batch: int) -> int:
 
 
 class GraphedDecode:
-    """Callable like the eager step: (tok [B], t, P [B], bridge_len [B], seeds [B], p_max) -> tok."""
+    """Callable like the eager step: (tok [B], t, P [B], bridge_len [B], seeds [B], p_max) -> (tok, logits)."""
 
     def __init__(self, engine, bucket: int, steering, sampling):
         self.engine, self.bucket, self.replays = engine, bucket, 0
@@ -65,4 +65,5 @@ class GraphedDecode:
         self.t.fill_(t)
         self.graph.replay()
         self.replays += 1
-        return self.out[:B].clone()
+        tok, logits = self.out
+        return tok[:B].clone(), logits[:B]

@@ -130,9 +130,14 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, prompts: list[torch.Tensor], *, steering: SVGT | None, max_new_tokens: int,
-                 sampling: SamplingParams, row_seeds: torch.Tensor, eos_ids: frozenset[int], pad_id: int):
+                 sampling: SamplingParams, row_seeds: torch.Tensor, eos_ids: frozenset[int], pad_id: int,
+                 forced_tokens: torch.Tensor | None = None, logits_out: list | None = None):
         """Generate for unpadded prompts (list of [P_b] tensors). Returns (new_tokens [B, N] with
-        pad after EOS, counts [B], timings dict)."""
+        pad after EOS, counts [B], timings dict).
+
+        forced_tokens [B, N]: teacher forcing — step t feeds forced_tokens[:, t-1] instead of
+        the sampled token (scoring a continuation under steering). logits_out: a list that
+        receives each step's next-token logits [B, V]."""
         self.check_request(prompts, max_new_tokens, steering)
         B, dev = len(prompts), self.device
         if max_new_tokens == 0:
@@ -156,6 +161,11 @@ class Engine:
         t0 = time.perf_counter()
         logits, bridge = self._prefill(ids, P, bridge_len, steering)
         tok = sample_next(logits, sampling, seeds, 0)
+        if logits_out is not None:
+            logits_out.append(logits)
+        if forced_tokens is not None:
+            forced_tokens = forced_tokens.to(dev)
+            tok = forced_tokens[:, 0]
         out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
         out[:, 0] = tok
         done = torch.isin(tok, eos)
@@ -167,11 +177,15 @@ class Engine:
                 break
             if steer and t % steering.refresh_interval == 0:
                 r0 = time.perf_counter()
-                tok, bridge = self._refresh_step(tok, t, P, bridge_len, bridge, steering, sampling, seeds, p_max)
+                tok, logits, bridge = self._refresh_step(tok, t, P, bridge_len, bridge, steering, sampling, seeds, p_max)
                 timings["refresh_steps"] += 1
                 timings["refresh_s"] += time.perf_counter() - r0
             else:
-                tok = step(tok, t, P, bridge_len, seeds, p_max)
+                tok, logits = step(tok, t, P, bridge_len, seeds, p_max)
+            if logits_out is not None:
+                logits_out.append(logits.clone())
+            if forced_tokens is not None:
+                tok = forced_tokens[:, t]
             tok = torch.where(done, torch.full_like(tok, pad_id), tok)
             out[:, t] = tok
             done |= torch.isin(tok, eos)
@@ -252,7 +266,8 @@ class Engine:
         return torch.where((r < Pc)[..., None], prompt, torch.where((r < Pc + K)[..., None], br, zero))
 
     def decode_step(self, tok, t, P, bridge_len, seeds, sampling: SamplingParams, steering, n_slots: int):
-        """One token for every row: tok [B] is response token t-1 (slot P + t - 1); returns token t.
+        """One token for every row: tok [B] is response token t-1 (slot P + t - 1); returns
+        (token t [B], its logits [B, V]).
         Static shapes and no host sync (t may be a 0-d device tensor), so it can be graph-captured."""
         L, e = len(self.w.layers), self._extract_layer(steering)
         slot = P + t - 1
@@ -261,7 +276,8 @@ class Engine:
         if steering is not None:
             self.hidden[torch.arange(tok.shape[0], device=tok.device), slot] = x[:, 0]
             x = self._layers(x, range(e + 1, L), (slot + bridge_len)[:, None], P, bridge_len, True, n_slots)
-        return sample_next(logits_from_hidden(self.w, x[:, -1]), sampling, seeds, t)
+        logits = logits_from_hidden(self.w, x[:, -1])
+        return sample_next(logits, sampling, seeds, t), logits
 
     def _refresh_step(self, tok, t, P, bridge_len, bridge, steering, sampling, seeds, p_max):
         """A decode step with a bridge refresh. The lower stack runs for the new token, the EMA
@@ -292,7 +308,8 @@ class Engine:
             logical = torch.cat([P[:, None] + torch.arange(K, device=dev)[None],
                                  (P + K)[:, None] + torch.arange(j0, t, device=dev)[None]], dim=1)
         x = self._layers(x, range(e + 1, L), logical, P, bridge_len, True, p_max + t)
-        return sample_next(logits_from_hidden(self.w, x[:, -1]), sampling, seeds, t), bridge
+        logits = logits_from_hidden(self.w, x[:, -1])
+        return sample_next(logits, sampling, seeds, t), logits, bridge
 
     def _project_bridge(self, bridge, P, layer_ids):
         """refresh="project": write k_proj/v_proj(bridge) (keys rotated at P..P+K-1) into the

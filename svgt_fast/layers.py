@@ -28,6 +28,12 @@ class MultiHeadAttention(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, query: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if context.shape[1] == 1:
+            # One key: the softmax is exactly 1, so attention is out_proj(v_proj(context)) for
+            # every query — the value head's common case (a 1-token trigger) skips q and k.
+            d = self.dim
+            v = F.linear(context, self.in_proj_weight[2 * d:], self.in_proj_bias[2 * d:])
+            return self.out_proj(v).expand(-1, query.shape[1], -1)
         d, h = self.dim, self.n_heads
         w_q, w_k, w_v = self.in_proj_weight.split(d)
         b_q, b_k, b_v = self.in_proj_bias.split(d)

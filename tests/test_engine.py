@@ -137,3 +137,26 @@ def test_chunked_prefill_equals_reference(tiny_models):
         ref = generate(model, rows, steering=st, max_new_tokens=8, engine="reference")
         fast = generate(model, rows, steering=st, max_new_tokens=8, engine=eng)
         assert torch.equal(fast.new_tokens, ref.new_tokens)
+
+
+def test_teacher_forcing_scores_a_continuation(tiny_models):
+    """Forcing the engine's own greedy tokens reproduces its logits; forcing other tokens
+    conditions on them (the logits then differ)."""
+    model = tiny_models["llama"]
+    steering = SVGT(build_value_module(model, seed=21), refresh_interval=3)
+    rows = ragged_prompts(21, lengths=(5, 8))
+    eng = Engine(model, max_batch=2, max_seq_len=40)
+    from svgt_fast.sampling import SamplingParams
+
+    kw = dict(steering=steering, max_new_tokens=9, sampling=SamplingParams(), row_seeds=torch.arange(2),
+              eos_ids=frozenset(), pad_id=0)
+    free_logits, forced_logits, other_logits = [], [], []
+    toks, _, _ = eng.generate([torch.tensor(r) for r in rows], logits_out=free_logits, **kw)
+    eng.generate([torch.tensor(r) for r in rows], forced_tokens=toks, logits_out=forced_logits, **kw)
+    for a, b in zip(free_logits, forced_logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    other = (toks + 1) % 256
+    forced_toks, _, _ = eng.generate([torch.tensor(r) for r in rows], forced_tokens=other, logits_out=other_logits, **kw)
+    assert torch.equal(forced_toks, other)
+    torch.testing.assert_close(other_logits[0], free_logits[0], rtol=0, atol=0)
+    assert (other_logits[1] - free_logits[1]).abs().max() > 1e-3

@@ -39,6 +39,15 @@ def test_multihead_attention_equals_torch():
     torch.testing.assert_close(ours(q, kv), ref(q, kv, kv, need_weights=False)[0], rtol=1e-5, atol=1e-5)
 
 
+def test_single_key_shortcut_equals_full_attention():
+    torch.manual_seed(1)
+    mha = _randomize(MultiHeadAttention(32, 4), 8).double()
+    q, kv = torch.randn(3, 5, 32, dtype=torch.float64), torch.randn(3, 1, 32, dtype=torch.float64)
+    ref = nn.MultiheadAttention(32, 4, batch_first=True).double().eval()
+    ref.load_state_dict(mha.state_dict())
+    torch.testing.assert_close(mha(q, kv), ref(q, kv, kv, need_weights=False)[0], rtol=1e-12, atol=1e-12)
+
+
 def test_encoder_layer_equals_torch_post_norm():
     ours = _randomize(EncoderLayer(32, 4, 128), 2)
     ref = nn.TransformerEncoderLayer(32, 4, 128, dropout=0.0, activation="gelu", batch_first=True).eval()
