@@ -62,6 +62,10 @@ class GraphedDecode:
         self.P[:B].copy_(P)
         self.bridge_len[:B].copy_(bridge_len)
         self.seeds[:B].copy_(seeds)
+        if B < self.bucket:  # dummy rows: a 1-token prompt each, so slot P + t - 1 stays in range
+            self.tok[B:].zero_()
+            self.P[B:].fill_(1)
+            self.bridge_len[B:].zero_()
         self.t.fill_(t)
         self.graph.replay()
         self.replays += 1

@@ -156,7 +156,8 @@ class Engine:
             self.hidden = torch.zeros(self.max_batch, self.max_seq_len + 1, self.w.hidden_size, device=dev, dtype=self.dtype)
         timings = {"prefill_s": 0.0, "decode_s": 0.0, "refresh_s": 0.0, "refresh_steps": 0, "graph_steps": 0}
 
-        # Before the prefill: capturing a graph runs the step on dummy inputs, which writes slot 0.
+        # Before the prefill: capturing a graph first runs the step on dummy inputs, which
+        # writes into the caches; the prefill then overwrites what matters.
         step = self._decode_runner(B, steering, sampling)
         t0 = time.perf_counter()
         logits, bridge = self._prefill(ids, P, bridge_len, steering)
