@@ -1,15 +1,30 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: GPU tests, then the benchmarks; everything lands in $OUT.
-#   device run: bash benchmarks/gpu_check.sh
+#   device run: bash benchmarks/gpu_check.sh            (all steps)
+#               STEPS="tests prefix" bash benchmarks/gpu_check.sh   (a subset)
+# Each step has its own time limit so that one hang cannot eat the whole lease.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD HF_HUB_OFFLINE=1
+STEPS=${STEPS:-"tests prefix kvpatch profile generate"}
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
-python3 -m pytest -q -x tests/test_gpu.py tests/test_prefix_attention.py tests/test_engine.py 2>&1 | tee "$OUT/gpu_tests.log"
-tests_rc=${PIPESTATUS[0]}
-(cd benchmarks && python3 bench_prefix_attention.py) 2>&1 | tee "$OUT/bench_prefix_attention.log"
-(cd benchmarks && python3 bench_generate.py --shape llama3-8b) 2>&1 | tee "$OUT/bench_generate.log"
-echo "gpu tests rc=$tests_rc"
-exit "$tests_rc"
+rc=0
+step() {  # step NAME LIMIT_S CMD...
+  local name=$1 limit=$2; shift 2
+  case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
+  echo "== $name"; local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  local r=${PIPESTATUS[0]}
+  echo "== $name rc=$r in $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
+  [ "$r" -eq 0 ] || rc=1
+}
+step tests 300 python3 -m pytest -q -p no:cacheprovider -s tests/test_gpu.py tests/test_prefix_attention.py \
+  tests/test_fused_kernels.py $(ls tests/test_kv_patch.py 2>/dev/null)
+step prefix 150 python3 benchmarks/bench_prefix_attention.py
+[ -f benchmarks/bench_kv_patch.py ] && step kvpatch 90 python3 benchmarks/bench_kv_patch.py
+step profile 120 python3 benchmarks/profile_decode.py --batch 1
+step generate 420 python3 benchmarks/bench_generate.py --shape llama3-8b --modes exact,bridge,project,window=8 --intervals 1,5
+cat "$OUT/summary.txt"
+exit "$rc"

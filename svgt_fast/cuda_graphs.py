@@ -71,3 +71,62 @@ class GraphedDecode:
         self.replays += 1
         tok, logits = self.out
         return tok[:B].clone(), logits[:B]
+
+
+class GraphedRefresh:
+    """The refresh step (`Engine.refresh_step`) of a static refresh mode (window=W, bridge,
+    project) captured per (batch bucket, steering, sampling): the value head, the EMA and the
+    upper-stack pass over [bridge ; window ; this token] replay as one graph.
+    Callable: (tok, t, P, bridge_len, bridge [B, K, d], seeds, p_max) -> (tok, logits, bridge)."""
+
+    def __init__(self, engine, bucket: int, steering, sampling):
+        self.engine, self.bucket, self.replays = engine, bucket, 0
+        dev = engine.device
+        mod = steering.module
+        K, d = steering.n_tokens, mod.config.hidden_size
+        mdtype = next(mod.parameters()).dtype
+        self.tok = torch.zeros(bucket, dtype=torch.long, device=dev)
+        self.P = torch.ones(bucket, dtype=torch.long, device=dev)
+        self.bridge_len = torch.full((bucket,), K, dtype=torch.long, device=dev)
+        self.seeds = torch.zeros(bucket, dtype=torch.long, device=dev)
+        self.bridge = torch.zeros(bucket, K, d, dtype=mdtype, device=dev)
+        self.t = torch.ones((), dtype=torch.long, device=dev)
+
+        def step():
+            return engine.refresh_step(self.tok, self.t, self.P, self.bridge_len, self.bridge, self.seeds, sampling,
+                                       steering, engine.max_seq_len)
+
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = step()
+
+    @classmethod
+    def get(cls, engine, batch: int, steering, sampling) -> "GraphedRefresh":
+        bucket = bucket_for(batch, engine.max_batch)
+        key = ("refresh", bucket, steering, sampling)
+        graph = engine.graphs.get(key)
+        if graph is None:
+            graph = engine.graphs[key] = cls(engine, bucket, steering, sampling)
+        return graph
+
+    def __call__(self, tok, t, P, bridge_len, bridge, seeds, p_max):
+        B = tok.shape[0]
+        self.tok[:B].copy_(tok)
+        self.P[:B].copy_(P)
+        self.bridge_len[:B].copy_(bridge_len)
+        self.seeds[:B].copy_(seeds)
+        self.bridge[:B].copy_(bridge)
+        if B < self.bucket:  # dummy rows as in GraphedDecode
+            self.tok[B:].zero_()
+            self.P[B:].fill_(1)
+        self.t.fill_(t)
+        self.graph.replay()
+        self.replays += 1
+        tok, logits, bridge = self.out
+        return tok[:B].clone(), logits[:B], bridge[:B].clone()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 
 import torch
+import torch.nn.functional as F
 
 from .backbone import backbone_info, model_device_dtype
 from .fast_model import (ModelWeights, apply_rope, attention_output_and_mlp, logits_from_hidden,
@@ -109,10 +110,52 @@ class Engine:
         attn = self._attend(i, q, logical, prompt_len, kb, use_bridge, n_slots)
         return attention_output_and_mlp(w, x, attn.reshape(B, M, -1))
 
+    def _layer_fused(self, i: int, x, delta, logical, prompt_len, bridge_len, use_bridge: bool, n_slots: int):
+        """`_layer` on our Triton kernels (attention="triton"): the residual add of the previous
+        layer's MLP rides in this layer's RMSNorm, so returns (x, delta) with x + delta the output.
+        Per layer: norm, qkv GEMM, RoPE + cache write, attention (+ split merge), o GEMM,
+        add + norm, gate/up GEMM, SwiGLU, down GEMM."""
+        from .kernels.prefix_attention import prefix_attention
+        from .kernels.rms_norm import add_rms_norm, rms_norm
+        from .kernels.rope_cache_write import rope_cache_write
+        from .kernels.silu_mul import silu_mul
+
+        w, mw = self.w.layers[i], self.w
+        B, M, _ = x.shape
+        if delta is None:
+            h = rms_norm(x, w.ln1, w.eps)
+        else:
+            x, h = add_rms_norm(x, delta, w.ln1, w.eps)
+        qkv = F.linear(h, w.wqkv, w.bqkv)
+        D, Hq, Hkv = mw.head_dim, mw.n_heads, mw.n_kv_heads
+        q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+        q, k, v = q.view(B, M, Hq, D), k.view(B, M, Hkv, D), v.view(B, M, Hkv, D)
+        if w.q_norm is not None:  # Qwen3 qk-norm
+            q, k = rms_norm(q, w.q_norm, w.eps), rms_norm(k, w.k_norm, w.eps)
+        kc, vc = self.k_cache[i, :B], self.v_cache[i, :B]
+        kb, vb = (self.k_bridge[i, :B], self.v_bridge[i, :B]) if use_bridge else (None, None)
+        q = rope_cache_write(q, k, v, self.cos, self.sin, logical, prompt_len, bridge_len, kc, vc, kb, vb,
+                             n_tok_slots=self.max_seq_len)
+        attn = prefix_attention(q, kc, vc, logical, prompt_len, bridge_len, kb, vb, mw.scale, n_slots)
+        x, h = add_rms_norm(x, F.linear(attn.view(B, M, Hq * D), w.wo, w.bo), w.ln2, w.eps)
+        return x, F.linear(silu_mul(F.linear(h, w.w_gate_up, w.b_gate_up)), w.w_down, w.b_down)
+
     def _layers(self, x, layer_ids, logical, prompt_len, bridge_len, use_bridge, n_slots):
+        if self.attention == "triton":
+            delta = None
+            for i in layer_ids:
+                x, delta = self._layer_fused(i, x, delta, logical, prompt_len, bridge_len, use_bridge, n_slots)
+            return x if delta is None else x + delta
         for i in layer_ids:
             x = self._layer(i, x, logical, prompt_len, bridge_len, use_bridge, n_slots)
         return x
+
+    def _logits(self, x):
+        if self.attention == "triton":
+            from .kernels.rms_norm import rms_norm
+
+            return F.linear(rms_norm(x, self.w.final_norm, self.w.final_eps), self.w.lm_head, self.w.lm_head_bias)
+        return logits_from_hidden(self.w, x)
 
     # ------------------------------------------------------------------------------------------
     def check_request(self, prompts: list[torch.Tensor], max_new_tokens: int, steering: SVGT | None) -> None:
@@ -159,6 +202,8 @@ class Engine:
         # Before the prefill: capturing a graph first runs the step on dummy inputs, which
         # writes into the caches; the prefill then overwrites what matters.
         step = self._decode_runner(B, steering, sampling)
+        refresh = self._refresh_runner(B, steering, sampling) if steer else None
+        replays0 = getattr(step, "replays", 0) + getattr(refresh, "replays", 0)
         t0 = time.perf_counter()
         logits, bridge = self._prefill(ids, P, bridge_len, steering)
         tok = sample_next(logits, sampling, seeds, 0)
@@ -178,7 +223,7 @@ class Engine:
                 break
             if steer and t % steering.refresh_interval == 0:
                 r0 = time.perf_counter()
-                tok, logits, bridge = self._refresh_step(tok, t, P, bridge_len, bridge, steering, sampling, seeds, p_max)
+                tok, logits, bridge = refresh(tok, t, P, bridge_len, bridge, seeds, p_max)
                 timings["refresh_steps"] += 1
                 timings["refresh_s"] += time.perf_counter() - r0
             else:
@@ -193,7 +238,7 @@ class Engine:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         timings["decode_s"] = time.perf_counter() - t0
-        timings["graph_steps"] = getattr(step, "replays", 0)
+        timings["graph_steps"] = getattr(step, "replays", 0) + getattr(refresh, "replays", 0) - replays0
 
         counts = self._counts(out, eos, pad_id)
         width = int(counts.max())
@@ -238,7 +283,7 @@ class Engine:
                 self.hidden[:B, c0:c0 + x.shape[1]] = x
         if steering is None:
             x = torch.cat(last_rows, dim=1) if len(last_rows) > 1 else last_rows[0]
-            return logits_from_hidden(self.w, x[batch, P - 1]), None
+            return self._logits(x[batch, P - 1]), None
         K = steering.n_tokens
         bridge = steering.bridge(self.hidden[batch, P - 1])  # [B, K, d], module dtype
         total = p_max + K
@@ -250,7 +295,7 @@ class Engine:
             hit = (P - 1 + K >= c0) & (P - 1 + K < c0 + rows.numel())
             idx = (P - 1 + K - c0).clamp(0, rows.numel() - 1)
             last = torch.where(hit[:, None], x[batch, idx], last)
-        return logits_from_hidden(self.w, last), bridge
+        return self._logits(last), bridge
 
     def _rows(self, start: int, n: int, B: int) -> torch.Tensor:
         """Logical indices start..start+n-1 for every sequence: [B, n]."""
@@ -277,10 +322,10 @@ class Engine:
         if steering is not None:
             self.hidden[torch.arange(tok.shape[0], device=tok.device), slot] = x[:, 0]
             x = self._layers(x, range(e + 1, L), (slot + bridge_len)[:, None], P, bridge_len, True, n_slots)
-        logits = logits_from_hidden(self.w, x[:, -1])
+        logits = self._logits(x[:, -1])
         return sample_next(logits, sampling, seeds, t), logits
 
-    def _refresh_step(self, tok, t, P, bridge_len, bridge, steering, sampling, seeds, p_max):
+    def refresh_step(self, tok, t, P, bridge_len, bridge, seeds, sampling: SamplingParams, steering, n_slots: int):
         """A decode step with a bridge refresh. The lower stack runs for the new token, the EMA
         bridge is updated, then by refresh mode (DESIGN §2):
           exact     — the upper stack again over [bridge ; every response token so far];
@@ -288,12 +333,14 @@ class Engine:
           bridge    — over [bridge ; this token] (window=0): older response K/V stay stale;
           project   — bridge K/V = each upper layer's k/v projection of the raw bridge vector
                       (RoPE on keys, no norm, no propagation), then a plain decode of this token.
-        The prompt's upper K/V never change."""
+        The prompt's upper K/V never change. Every mode but exact has static shapes (t may be a
+        0-d device tensor; a window not yet full repeats response token 0, an identical row
+        that writes identical K/V), so it can be graph-captured like `decode_step`."""
         L, e = len(self.w.layers), self._extract_layer(steering)
         B, dev = tok.shape[0], tok.device
         batch = torch.arange(B, device=dev)
         slot = P + t - 1
-        x = self._layers(self.w.embed[tok][:, None], range(e + 1), slot[:, None], P, bridge_len, False, p_max + t)
+        x = self._layers(self.w.embed[tok][:, None], range(e + 1), slot[:, None], P, bridge_len, False, n_slots)
         self.hidden[batch, slot] = x[:, 0]
         h_t = x[:, 0] if steering.trigger == "current" else self.hidden[batch, P - 1]
         bridge = ema(bridge, steering.bridge(h_t), steering.beta)
@@ -301,15 +348,17 @@ class Engine:
         K = steering.n_tokens
         if mode == "project":
             self._project_bridge(bridge.to(self.dtype), P, range(e + 1, L))
-            logical = (slot + bridge_len)[:, None]
+            x, logical = x, (slot + bridge_len)[:, None]
         else:
-            j0 = 0 if mode == "exact" else max(0, t - 1 - window)
-            resp = self.hidden[batch[:, None], P[:, None] + torch.arange(j0, t, device=dev)[None]]
+            if mode == "exact":
+                j = torch.arange(0, t, device=dev)
+            else:
+                j = (t - (window + 1) + torch.arange(window + 1, device=dev)).clamp(min=0)
+            resp = self.hidden[batch[:, None], P[:, None] + j[None]]
             x = torch.cat([bridge.to(self.dtype), resp], dim=1)
-            logical = torch.cat([P[:, None] + torch.arange(K, device=dev)[None],
-                                 (P + K)[:, None] + torch.arange(j0, t, device=dev)[None]], dim=1)
-        x = self._layers(x, range(e + 1, L), logical, P, bridge_len, True, p_max + t)
-        logits = logits_from_hidden(self.w, x[:, -1])
+            logical = torch.cat([P[:, None] + torch.arange(K, device=dev)[None], (P + K)[:, None] + j[None]], dim=1)
+        x = self._layers(x, range(e + 1, L), logical, P, bridge_len, True, n_slots)
+        logits = self._logits(x[:, -1])
         return sample_next(logits, sampling, seeds, t), logits, bridge
 
     def _project_bridge(self, bridge, P, layer_ids):
@@ -333,6 +382,14 @@ class Engine:
             return GraphedDecode.get(self, B, steering, sampling)
         return lambda tok, t, P, bridge_len, seeds, p_max: self.decode_step(
             tok, t, P, bridge_len, seeds, sampling, steering, p_max + t)
+
+    def _refresh_runner(self, B, steering, sampling):
+        if self.cuda_graphs and self.device.type == "cuda" and steering.refresh_spec[0] != "exact":
+            from .cuda_graphs import GraphedRefresh
+
+            return GraphedRefresh.get(self, B, steering, sampling)
+        return lambda tok, t, P, bridge_len, bridge, seeds, p_max: self.refresh_step(
+            tok, t, P, bridge_len, bridge, seeds, sampling, steering, p_max + t)
 
     @staticmethod
     def _counts(out, eos, pad_id):

@@ -21,11 +21,16 @@ def _case(seed, B, M, Hq, Hkv, D, S, kmax, device="cpu", dtype=torch.float32, no
     return [to(t) for t in (q, kc, vc, kb, vb)] + [P.to(device), bl.to(device)]
 
 
+# Where the kernel runs: the GPU when there is one, else Triton's interpreter on the CPU.
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _run_both(q, kc, vc, kb, vb, P, bl, q_start, n_slots, n_splits, bridge=True, q_pos=None):
     from svgt_fast.kernels.prefix_attention import prefix_attention
 
     if q_pos is None:
         q_pos = q_start[:, None] + torch.arange(q.shape[1])[None]
+    q, kc, vc, kb, vb, P, bl, q_pos = (t.to(DEV) for t in (q, kc, vc, kb, vb, P, bl, q_pos))
     args = (q, kc, vc, q_pos, P, bl, kb if bridge else None, vb if bridge else None, 0.25)
     got = prefix_attention(*args, n_slots=n_slots, n_splits=n_splits)
     want = prefix_attention_ref(*args, n_slots=n_slots)

@@ -28,6 +28,18 @@ def test_engine_equals_mode_reference(tiny_model, refresh):
     assert fast.new_tokens.tolist() == _cached(tiny_model, rows, steering)
 
 
+@pytest.mark.parametrize("refresh", ["window=3", "project"])
+def test_triton_engine_equals_mode_reference(tiny_model, refresh):
+    """Our kernels (fused norm, RoPE + cache write, prefix attention) under each static refresh."""
+    from svgt_fast import Engine
+
+    steering = SVGT(build_value_module(tiny_model, seed=44), refresh_interval=3, refresh=refresh)
+    rows = ragged_prompts(44, lengths=(6, 3))
+    eng = Engine(tiny_model, max_batch=2, max_seq_len=32, attention="triton")
+    fast = generate(tiny_model, rows, steering=steering, max_new_tokens=N_NEW, engine=eng)
+    assert fast.new_tokens.tolist() == _cached(tiny_model, rows, steering)
+
+
 def test_inline_reference_exact_equals_oracle(tiny_models):
     model = tiny_models["qwen2"]
     steering = SVGT(build_value_module(model, seed=41, generator="mlp"), refresh_interval=2, refresh="exact")

@@ -13,6 +13,8 @@ Math, per query row r = (m, g) of sequence b, KV head h, query head h*G + g, log
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -114,6 +116,28 @@ def _prefix_attention_kernel(
                  out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
 
 
+@triton.jit
+def _merge_splits_kernel(PART_ACC, PART_ML, OUT, s_ob, s_om, s_oh, HQ, M, n_splits,
+                         D: tl.constexpr, NS: tl.constexpr):
+    """One (b, query head, row): combine the splits' (acc, max, sum) into the output row."""
+    r = tl.program_id(0).to(tl.int64)  # ((b * HQ + qh) * M + m)
+    m_idx = r % M
+    qh = (r // M) % HQ
+    b = r // (M * HQ)
+    sp = tl.arange(0, NS)
+    ok = sp < n_splits
+    mx = tl.load(PART_ML + (r * n_splits + sp) * 2, mask=ok, other=float("-inf"))
+    sm = tl.load(PART_ML + (r * n_splits + sp) * 2 + 1, mask=ok, other=0.0)
+    top = tl.max(mx, 0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    w = tl.where(ok, tl.exp(mx - top), 0.0)
+    offs_d = tl.arange(0, D)
+    acc = tl.load(PART_ACC + (r * n_splits + sp)[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+    num = tl.sum(acc * w[:, None], 0)
+    den = tl.maximum(tl.sum(sm * w, 0), 1e-30)
+    tl.store(OUT + b * s_ob + m_idx * s_om + qh * s_oh + offs_d, (num / den).to(OUT.dtype.element_ty))
+
+
 def _check(name, t, ndim, dtype, device):
     if t.dim() != ndim:
         raise ValueError(f"prefix_attention: {name} must have {ndim} dims, got shape {tuple(t.shape)}")
@@ -123,11 +147,16 @@ def _check(name, t, ndim, dtype, device):
         raise ValueError(f"prefix_attention: {name} on {t.device}, q on {device}")
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def default_splits(n_programs: int, n_slots: int, device: torch.device) -> int:
     """Split the key range only when the grid would leave the GPU's SMs idle."""
     if device.type != "cuda" or n_slots <= 512:
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     if n_programs >= sms:
         return 1
     return int(max(1, min(triton.cdiv(2 * sms, n_programs), triton.cdiv(n_slots, 256), 64)))
@@ -208,9 +237,7 @@ def prefix_attention(
         num_warps=4,
     )
     if split:
-        m, l = part_ml[..., 0], part_ml[..., 1]
-        m_max = m.amax(-1, keepdim=True)
-        w = torch.exp(m - torch.where(torch.isinf(m_max), torch.zeros_like(m_max), m_max))
-        merged = (part_acc * w[..., None]).sum(-2) / (l * w).sum(-1, keepdim=True).clamp_min(1e-30)
-        out.copy_(merged.transpose(1, 2))
+        _merge_splits_kernel[(B * Hq * M,)](part_acc, part_ml, out, out.stride(0), out.stride(1), out.stride(2),
+                                            Hq, M, n_splits, D=D, NS=max(2, triton.next_power_of_2(n_splits)),
+                                            num_warps=1 if D <= 64 else 2)
     return out

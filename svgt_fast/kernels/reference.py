@@ -70,3 +70,76 @@ def logical_to_storage(logical: torch.Tensor, prompt_len: torch.Tensor, bridge_l
     is_bridge = (logical >= P) & (logical < P + kb)
     index = torch.where(logical < P, logical, torch.where(is_bridge, logical - P, logical - kb))
     return is_bridge, index
+
+
+
+def kv_patch_ref(cache, src, seq_idx, dst_slot, cos=None, sin=None, positions=None) -> None:
+    """The definition of torch.ops.svgt_fast.kv_patch (svgt_fast/_ops.py); mutates `cache`.
+
+    cache [B, H, S, D]; src [N, H, T, D]; seq_idx [N]; dst_slot [N] (first slot of row n);
+    optional RoPE tables cos, sin [n_pos, D] with positions [N, T]. For every row n with
+    0 <= seq_idx[n] < B and dst_slot[n] >= 0, and every t with s = dst_slot[n] + t < S:
+    cache[seq_idx[n], :, s] = f(src[n, :, t]), where f(x) = x * cos[p] + rotate_half(x) * sin[p]
+    (p = positions[n, t]; computed in fp32, rounded once to the cache dtype; a slot whose p is
+    outside [0, n_pos) is skipped) with RoPE, and f(x) = x without. Nothing else is touched.
+    """
+    B, _, S, D = cache.shape
+    N, _, T, _ = src.shape
+    for n in range(N):
+        b, first = int(seq_idx[n]), int(dst_slot[n])
+        if not 0 <= b < B or first < 0:
+            continue
+        for t in range(min(T, S - first)):
+            x = src[n, :, t]  # [H, D]
+            if cos is not None:
+                p = int(positions[n, t])
+                if not 0 <= p < cos.shape[0]:
+                    continue
+                xf = x.float()
+                rot = torch.cat([-xf[:, D // 2:], xf[:, : D // 2]], dim=-1)
+                x = (xf * cos[p].float() + rot * sin[p].float()).to(cache.dtype)
+            cache[b, :, first + t] = x
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF RMSNorm: normalise in fp32, round to x's dtype, then scale by the weight."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU activation of a fused [..., 2I] gate/up projection (gate first)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def apply_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, M, H, D]; cos/sin [B, M, D] (HF rotate-half convention, in x's dtype)."""
+    c, s = cos[:, :, None], sin[:, :, None]
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * c + rotated * s
+
+
+def rope_cache_write_ref(q, k, v, cos, sin, logical, prompt_len, bridge_len, k_cache, v_cache,
+                         k_bridge=None, v_bridge=None, n_tok_slots=None) -> torch.Tensor:
+    """The definition of kernels/rope_cache_write.py: rotate q, k at min(logical, n_pos - 1);
+    write k, v of each row with logical >= 0 to its storage (logical_to_storage) — token rows
+    only below n_tok_slots, bridge rows only when a bridge buffer is given. Returns rotated q."""
+    B, M = logical.shape
+    pos = logical.clamp(0, cos.shape[0] - 1)
+    c, s = cos[pos], sin[pos]
+    q, k = apply_rope_ref(q, c, s), apply_rope_ref(k, c, s)
+    kb = bridge_len if k_bridge is not None else torch.zeros_like(bridge_len)
+    is_bridge, index = logical_to_storage(logical, prompt_len, kb)
+    n_tok = k_cache.shape[2] if n_tok_slots is None else n_tok_slots
+    rows = torch.arange(B, device=q.device)[:, None].expand(B, M)
+    tok = (logical >= 0) & ~is_bridge & (index < n_tok)
+    k_cache[rows[tok], :, index[tok]] = k[tok]
+    v_cache[rows[tok], :, index[tok]] = v[tok]
+    if k_bridge is not None:
+        br = (logical >= 0) & is_bridge
+        k_bridge[rows[br], :, index[br]] = k[br]
+        v_bridge[rows[br], :, index[br]] = v[br]
+    return q
