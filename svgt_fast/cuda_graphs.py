@@ -19,6 +19,14 @@ def bucket_for(batch: int, max_batch: int) -> int:
     return max_batch
 
 
+def graph_pool(engine):
+    """One memory pool for all graphs of an engine: they replay one at a time, and their
+    outputs stay referenced, so sharing keeps the (per exact-row bucket) graphs cheap."""
+    if getattr(engine, "graph_pool", None) is None:
+        engine.graph_pool = torch.cuda.graph_pool_handle()
+    return engine.graph_pool
+
+
 class GraphedDecode:
     """Callable like the eager step: (tok [B], t, P [B], bridge_len [B], seeds [B], p_max) -> (tok, logits)."""
 
@@ -43,7 +51,7 @@ class GraphedDecode:
                 step()
         torch.cuda.current_stream(dev).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=graph_pool(engine)):
             self.out = step()
 
     @classmethod
@@ -73,13 +81,17 @@ class GraphedDecode:
         return tok[:B].clone(), logits[:B]
 
 
+EXACT_ROWS_BUCKET = 32  # refresh="exact" re-runs t response rows: graphs per 32-row bucket
+
+
 class GraphedRefresh:
-    """The refresh step (`Engine.refresh_step`) of a static refresh mode (window=W, bridge,
-    project) captured per (batch bucket, steering, sampling): the value head, the EMA and the
-    upper-stack pass over [bridge ; window ; this token] replay as one graph.
+    """The refresh step (`Engine.refresh_step`) captured per (batch bucket, steering, sampling,
+    and for refresh="exact" the response-row bucket): the value head, the EMA and the upper-stack
+    pass over [bridge ; window ; this token] replay as one graph. An exact refresh at step t
+    replays the graph of ceil(t / 32) * 32 rows (the extra rows repeat response token 0).
     Callable: (tok, t, P, bridge_len, bridge [B, K, d], seeds, p_max) -> (tok, logits, bridge)."""
 
-    def __init__(self, engine, bucket: int, steering, sampling):
+    def __init__(self, engine, bucket: int, steering, sampling, exact_rows: int | None = None):
         self.engine, self.bucket, self.replays = engine, bucket, 0
         dev = engine.device
         mod = steering.module
@@ -94,7 +106,7 @@ class GraphedRefresh:
 
         def step():
             return engine.refresh_step(self.tok, self.t, self.P, self.bridge_len, self.bridge, self.seeds, sampling,
-                                       steering, engine.max_seq_len)
+                                       steering, engine.max_seq_len, exact_rows)
 
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
@@ -103,17 +115,33 @@ class GraphedRefresh:
                 step()
         torch.cuda.current_stream(dev).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=graph_pool(engine)):
             self.out = step()
 
     @classmethod
-    def get(cls, engine, batch: int, steering, sampling) -> "GraphedRefresh":
+    def get(cls, engine, batch: int, steering, sampling, exact_rows: int | None = None) -> "GraphedRefresh":
         bucket = bucket_for(batch, engine.max_batch)
-        key = ("refresh", bucket, steering, sampling)
+        key = ("refresh", bucket, steering, sampling, exact_rows)
         graph = engine.graphs.get(key)
         if graph is None:
-            graph = engine.graphs[key] = cls(engine, bucket, steering, sampling)
+            graph = engine.graphs[key] = cls(engine, bucket, steering, sampling, exact_rows)
         return graph
+
+    @classmethod
+    def runner(cls, engine, batch: int, steering, sampling):
+        """The callable the engine's loop uses: static modes replay one graph; exact picks the
+        graph of its row bucket at each refresh."""
+        if steering.refresh_spec[0] != "exact":
+            return cls.get(engine, batch, steering, sampling)
+
+        def run(tok, t, P, bridge_len, bridge, seeds, p_max):
+            rows = min(-(-int(t) // EXACT_ROWS_BUCKET) * EXACT_ROWS_BUCKET, engine.max_seq_len)
+            graph = cls.get(engine, batch, steering, sampling, rows)
+            run.replays += 1
+            return graph(tok, t, P, bridge_len, bridge, seeds, p_max)
+
+        run.replays = 0
+        return run
 
     def __call__(self, tok, t, P, bridge_len, bridge, seeds, p_max):
         B = tok.shape[0]

@@ -75,6 +75,7 @@ class Engine:
                 f"KV cache for max_batch={max_batch}, max_seq_len={max_seq_len} does not fit on {device}; "
                 f"lower max_batch or max_seq_len") from None
         self.hidden = None  # allocated on first steered call
+        self.use_kv_patch: bool | None = None  # decided on first use (builds the extension)
 
     # ------------------------------------------------------------------------------------------
     def _attend(self, layer: int, q, q_pos, prompt_len, bridge_len, use_bridge: bool, n_slots: int):
@@ -325,7 +326,8 @@ class Engine:
         logits = self._logits(x[:, -1])
         return sample_next(logits, sampling, seeds, t), logits
 
-    def refresh_step(self, tok, t, P, bridge_len, bridge, seeds, sampling: SamplingParams, steering, n_slots: int):
+    def refresh_step(self, tok, t, P, bridge_len, bridge, seeds, sampling: SamplingParams, steering, n_slots: int,
+                     exact_rows: int | None = None):
         """A decode step with a bridge refresh. The lower stack runs for the new token, the EMA
         bridge is updated, then by refresh mode (DESIGN §2):
           exact     — the upper stack again over [bridge ; every response token so far];
@@ -333,9 +335,10 @@ class Engine:
           bridge    — over [bridge ; this token] (window=0): older response K/V stay stale;
           project   — bridge K/V = each upper layer's k/v projection of the raw bridge vector
                       (RoPE on keys, no norm, no propagation), then a plain decode of this token.
-        The prompt's upper K/V never change. Every mode but exact has static shapes (t may be a
-        0-d device tensor; a window not yet full repeats response token 0, an identical row
-        that writes identical K/V), so it can be graph-captured like `decode_step`."""
+        The prompt's upper K/V never change. Shapes are static (t may be a 0-d device tensor),
+        so the step can be graph-captured like `decode_step`: a window not yet full repeats
+        response token 0 (an identical row that writes identical K/V); exact is the window of
+        `exact_rows` >= t rows (a graph bucket; default t, which makes the shape depend on t)."""
         L, e = len(self.w.layers), self._extract_layer(steering)
         B, dev = tok.shape[0], tok.device
         batch = torch.arange(B, device=dev)
@@ -350,10 +353,8 @@ class Engine:
             self._project_bridge(bridge.to(self.dtype), P, range(e + 1, L))
             x, logical = x, (slot + bridge_len)[:, None]
         else:
-            if mode == "exact":
-                j = torch.arange(0, t, device=dev)
-            else:
-                j = (t - (window + 1) + torch.arange(window + 1, device=dev)).clamp(min=0)
+            n = (exact_rows if exact_rows is not None else int(t)) if mode == "exact" else window + 1
+            j = (t - n + torch.arange(n, device=dev)).clamp(min=0)
             resp = self.hidden[batch[:, None], P[:, None] + j[None]]
             x = torch.cat([bridge.to(self.dtype), resp], dim=1)
             logical = torch.cat([P[:, None] + torch.arange(K, device=dev)[None], (P + K)[:, None] + j[None]], dim=1)
@@ -362,18 +363,51 @@ class Engine:
         return sample_next(logits, sampling, seeds, t), logits, bridge
 
     def _project_bridge(self, bridge, P, layer_ids):
-        """refresh="project": write k_proj/v_proj(bridge) (keys rotated at P..P+K-1) into the
-        bridge buffer of each listed layer. bridge [B, K, d] in the model dtype."""
+        """refresh="project": write k_proj/v_proj(bridge) (keys rotated at P..P+K-1, RoPE in fp32
+        rounded once) into the bridge buffer of each listed (consecutive) layer. bridge [B, K, d]
+        in the model dtype. One GEMM per layer, then two in-place patches for all layers at once
+        through the kv_patch op (csrc/) when its compiled backend serves this device."""
         B, K, _ = bridge.shape
         Hq, Hkv, D = self.w.n_heads, self.w.n_kv_heads, self.w.head_dim
-        pos = P[:, None] + torch.arange(K, device=bridge.device)[None]
-        cos, sin = self.cos[pos], self.sin[pos]
-        for i in layer_ids:
-            w = self.w.layers[i]
-            bias = None if w.bqkv is None else w.bqkv[Hq * D:]
-            k, v = torch.nn.functional.linear(bridge, w.wqkv[Hq * D:], bias).view(B, K, 2, Hkv, D).unbind(2)
-            self.k_bridge[i, :B, :, :K] = apply_rope(k, cos, sin).transpose(1, 2)
-            self.v_bridge[i, :B, :, :K] = v.transpose(1, 2)
+        ids = list(layer_ids)
+        if not ids:
+            return
+        l0, Lu, maxB = ids[0], len(ids), self.max_batch
+        if ids != list(range(l0, l0 + Lu)):
+            raise ValueError(f"project refresh needs consecutive layers, got {ids}")
+        kv = torch.stack([F.linear(bridge, self.w.layers[i].wqkv[Hq * D:],
+                                   None if self.w.layers[i].bqkv is None else self.w.layers[i].bqkv[Hq * D:])
+                          for i in ids])  # [Lu, B, K, 2 Hkv D]
+        kv = kv.view(Lu, B, K, 2, Hkv, D).permute(3, 0, 1, 4, 2, 5)  # [2, Lu, B, Hkv, K, D]
+        k_src, v_src = kv[0].reshape(Lu * B, Hkv, K, D), kv[1].reshape(Lu * B, Hkv, K, D)
+        pos = P[:, None] + torch.arange(K, device=bridge.device)[None]  # [B, K]
+        if self._kv_patch_ok():
+            from ._ops import kv_patch
+
+            dev = bridge.device
+            seq = (torch.arange(Lu, device=dev)[:, None] * maxB + torch.arange(B, device=dev)[None]).reshape(-1)
+            dst = torch.zeros_like(seq)
+            kbuf = self.k_bridge[l0:l0 + Lu].view(Lu * maxB, Hkv, self.kmax + 1, D)
+            vbuf = self.v_bridge[l0:l0 + Lu].view(Lu * maxB, Hkv, self.kmax + 1, D)
+            kv_patch(kbuf, k_src, seq, dst, self.cos, self.sin, pos.repeat(Lu, 1))
+            kv_patch(vbuf, v_src, seq, dst)
+            return
+        # Same result without the extension (graph-safe slicing; kv_patch_ref's arithmetic).
+        c, sn = self.cos[pos].float()[:, None], self.sin[pos].float()[:, None]  # [B, 1, K, D]
+        kf = k_src.view(Lu, B, Hkv, K, D).float()
+        rot = torch.cat([-kf[..., D // 2:], kf[..., : D // 2]], dim=-1)
+        self.k_bridge[l0:l0 + Lu, :B, :, :K] = (kf * c + rot * sn).to(self.dtype)
+        self.v_bridge[l0:l0 + Lu, :B, :, :K] = v_src.view(Lu, B, Hkv, K, D)
+
+    def _kv_patch_ok(self) -> bool:
+        """Use the kv_patch op when its compiled code serves this device (CUDA kernel on a GPU,
+        C++ on CPU); its PyTorch fallback syncs, which a CUDA graph cannot hold."""
+        if self.use_kv_patch is None:
+            from ._ops import kv_patch_backend
+
+            backend = kv_patch_backend()
+            self.use_kv_patch = backend == "cuda" if self.device.type == "cuda" else backend in ("cpp", "cuda")
+        return self.use_kv_patch
 
     def _decode_runner(self, B, steering, sampling):
         if self.cuda_graphs and self.device.type == "cuda":
@@ -384,10 +418,10 @@ class Engine:
             tok, t, P, bridge_len, seeds, sampling, steering, p_max + t)
 
     def _refresh_runner(self, B, steering, sampling):
-        if self.cuda_graphs and self.device.type == "cuda" and steering.refresh_spec[0] != "exact":
+        if self.cuda_graphs and self.device.type == "cuda":
             from .cuda_graphs import GraphedRefresh
 
-            return GraphedRefresh.get(self, B, steering, sampling)
+            return GraphedRefresh.runner(self, B, steering, sampling)
         return lambda tok, t, P, bridge_len, bridge, seeds, p_max: self.refresh_step(
             tok, t, P, bridge_len, bridge, seeds, sampling, steering, p_max + t)
 

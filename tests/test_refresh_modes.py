@@ -40,6 +40,52 @@ def test_triton_engine_equals_mode_reference(tiny_model, refresh):
     assert fast.new_tokens.tolist() == _cached(tiny_model, rows, steering)
 
 
+def test_project_mode_kv_patch_op_and_fallback_agree(tiny_models):
+    """refresh="project" writes the bridge K/V through the kv_patch op (C++ here); the engine's
+    PyTorch path must give the same tokens and the same bridge buffer bits."""
+    from svgt_fast import Engine
+    from svgt_fast._ops import kv_patch_backend
+
+    model = tiny_models["qwen2"]  # k/v bias on the projection
+    steering = SVGT(build_value_module(model, seed=45), refresh_interval=2, refresh="project")
+    rows = ragged_prompts(45, lengths=(7, 3))
+    runs = []
+    for use_op in (True, False):
+        eng = Engine(model, max_batch=3, max_seq_len=32)
+        eng.use_kv_patch = use_op if use_op is False else None
+        out = generate(model, rows, steering=steering, max_new_tokens=N_NEW, engine=eng)
+        runs.append((out.new_tokens, eng.k_bridge.clone(), eng.v_bridge.clone(), eng.use_kv_patch))
+    assert runs[0][3] == (kv_patch_backend() in ("cpp", "cuda"))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert torch.equal(runs[0][1], runs[1][1]) and torch.equal(runs[0][2], runs[1][2])
+    assert runs[0][1].abs().sum() > 0
+
+
+def test_exact_refresh_row_buckets_change_nothing(tiny_models):
+    """The CUDA graphs run an exact refresh over a bucket of >= t response rows (extra rows
+    repeat response token 0); on CPU the same padded step must give the unpadded tokens."""
+    from svgt_fast import Engine
+
+    model = tiny_models["llama"]
+    steering = SVGT(build_value_module(model, seed=46), refresh_interval=3, refresh="exact")
+    rows = ragged_prompts(46, lengths=(5, 8))
+    plain = generate(model, rows, steering=steering, max_new_tokens=N_NEW, engine=Engine(model, max_batch=2, max_seq_len=32))
+    eng = Engine(model, max_batch=2, max_seq_len=32)
+    padded = []
+
+    def runner(B, steering, sampling):
+        def run(tok, t, P, bridge_len, bridge, seeds, p_max):
+            padded.append(-(-t // 4) * 4 + 4 - t)
+            return eng.refresh_step(tok, t, P, bridge_len, bridge, seeds, sampling, steering, p_max + t,
+                                    exact_rows=-(-t // 4) * 4 + 4)
+        return run
+
+    eng._refresh_runner = runner
+    bucketed = generate(model, rows, steering=steering, max_new_tokens=N_NEW, engine=eng)
+    assert padded and min(padded) >= 4  # every refresh really ran padded rows
+    assert torch.equal(bucketed.new_tokens, plain.new_tokens)
+
+
 def test_inline_reference_exact_equals_oracle(tiny_models):
     model = tiny_models["qwen2"]
     steering = SVGT(build_value_module(model, seed=41, generator="mlp"), refresh_interval=2, refresh="exact")
