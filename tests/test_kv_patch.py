@@ -85,7 +85,8 @@ def backend():
 
 
 def test_extension_builds(backend):
-    if shutil.which(os.environ.get("CXX", "c++")) is None or shutil.which("ninja") is None:
+    required = os.environ.get("SVGT_FAST_REQUIRE_EXT") == "1"  # set by .ci/run
+    if not required and (shutil.which(os.environ.get("CXX", "c++")) is None or shutil.which("ninja") is None):
         pytest.skip("no C++ compiler or ninja: the PyTorch fallback is the expected backend")
     assert backend in ("cpp", "cuda"), _ops.kv_patch_backend_info()
 
