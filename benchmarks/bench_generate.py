@@ -45,6 +45,8 @@ def main():
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--modes", default="exact", help="SVGT refresh modes, comma-separated (exact,bridge,project,window=8)")
     ap.add_argument("--intervals", default="5", help="refresh intervals, comma-separated")
+    ap.add_argument("--tag", default="", help="suffix of the result file name")
+    ap.add_argument("--no-baselines", action="store_true", help="skip HF generate and the eager reference")
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU (checks the harness only)")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
@@ -88,6 +90,8 @@ def main():
                 else:
                     row["ratio_vs_unsteered"] = res["ms_per_token"] / plain_ms
                 rows.append(row)
+        if args.no_baselines:
+            continue
         hf = _hf_ms_per_token(model, prompts.to(dev), 8 if args.smoke else 32)
         rows.append(dict(what="hf_generate", batch=B, rep=1, ms_per_token=hf, engine_speedup=hf / plain_ms))
         if B == 1:  # the authors' recompute loop (our eager oracle), a few tokens
@@ -115,7 +119,7 @@ def main():
         ax.set_title(f"{args.shape}, prompt {args.prompt}, {args.new_tokens} new tokens")
     extra = {"shape": args.shape, "modes": modes, "intervals": intervals, "prompt": args.prompt, "new_tokens": args.new_tokens,
              "weight_bytes": weight_bytes, "copy_bandwidth_gbs": bw}
-    print("wrote", write_results(f"generate_{args.shape}" + ("_smoke" if args.smoke else ""), rows, extra, plot))
+    print("wrote", write_results(f"generate_{args.shape}{args.tag}" + ("_smoke" if args.smoke else ""), rows, extra, plot))
 
 
 if __name__ == "__main__":

@@ -143,3 +143,22 @@ def rope_cache_write_ref(q, k, v, cos, sin, logical, prompt_len, bridge_len, k_c
         k_bridge[rows[br], :, index[br]] = k[br]
         v_bridge[rows[br], :, index[br]] = v[br]
     return q
+
+
+def trigger_ref(z, h, h_ref, w1, b1, w2, b2, t, interval, policy, score_thr, drift_thr):
+    """The definition of kernels/trigger.py (sparse triggering), in fp32."""
+    zf = z.float()
+    u = zf @ w1.float().T + b1.float()
+    score = F.gelu(u) @ w2.float().reshape(-1) + b2.float().reshape(())
+    hf, rf = h.float(), h_ref.float()
+    denom = hf.norm(dim=-1) * rf.norm(dim=-1)
+    drift = torch.where(denom > 0, 1 - (hf * rf).sum(-1) / torch.where(denom > 0, denom, torch.ones_like(denom)),
+                        torch.zeros_like(denom))
+    iv = interval.to(torch.int64)
+    due = (iv > 0) & (t.to(torch.int64) % torch.where(iv > 0, iv, torch.ones_like(iv)) == 0)
+    fire = due & ((policy == 0) | (score > score_thr) | (drift > drift_thr))
+    fired = fire.nonzero().flatten().to(torch.int32)
+    rows = torch.full_like(fire, -1, dtype=torch.int32)
+    rows[: fired.numel()] = fired
+    count = torch.tensor([fired.numel()], dtype=torch.int32, device=z.device)
+    return fire.to(torch.int32), rows, count, score, drift
