@@ -18,13 +18,16 @@ ENGINES = ("reference", "fast")
 class GenerationOutput:
     """sequences: [B, P + N] the input ids (as given, padding kept) then the new tokens;
     new_tokens: [B, N], pad id after a row's EOS; num_new_tokens: [B] tokens each row produced
-    (its EOS included); texts: decoded new tokens when a tokenizer was given; timings: seconds."""
+    (its EOS included); texts: decoded new tokens when a tokenizer was given; timings: seconds;
+    trigger_counts: [B] how many times each row's value module fired (the prompt's first bridge
+    included; 0 without steering)."""
 
     sequences: torch.Tensor
     new_tokens: torch.Tensor
     num_new_tokens: torch.Tensor
     texts: list[str] | None = None
     timings: dict = field(default_factory=dict)
+    trigger_counts: torch.Tensor | None = None  # [B] times the value module fired per row
 
 
 def _as_batch(input_ids, tokenizer, attention_mask, device):
@@ -181,13 +184,22 @@ def generate(
         # The oracle re-computes everything (refresh "exact"); the approximate refresh modes
         # have their own eager reference, which keeps the stale K/V those modes define.
         row_fn = generate_row
-        if steering is not None and steering.refresh != "exact":
-            row_fn = generate_row_cached
-        outs = [
-            row_fn(model, p, steering=steering, max_new_tokens=max_new_tokens, sampling=sampling,
-                   row_seed=seed + i, eos_ids=eos)
-            for i, p in enumerate(prompts)
-        ]
+        cached = steering is not None and (steering.refresh != "exact" or steering.policy != "always")
+        outs, triggers = [], []
+        for i, p in enumerate(prompts):
+            if cached:
+                stats = {}
+                outs.append(generate_row_cached(model, p, steering=steering, max_new_tokens=max_new_tokens,
+                                                sampling=sampling, row_seed=seed + i, eos_ids=eos, stats=stats))
+                triggers.append(stats["triggers"])
+            else:
+                outs.append(generate_row(model, p, steering=steering, max_new_tokens=max_new_tokens,
+                                         sampling=sampling, row_seed=seed + i, eos_ids=eos))
+                # policy "always": the prompt, then every refresh_interval-th step that is taken
+                n = len(outs[-1])
+                triggers.append(0 if steering is None else 1 + (n - 1) // steering.refresh_interval)
+        if max_new_tokens == 0:
+            triggers = [0] * len(prompts)  # nothing generated: no prefill ran in the fast engine either
         width = max((len(o) for o in outs), default=0)
         new = torch.full((ids.shape[0], width), pad, dtype=torch.long, device=device)
         for i, o in enumerate(outs):
@@ -202,6 +214,7 @@ def generate(
         new, counts, timings = eng.generate(prompts, steering=steering, max_new_tokens=max_new_tokens,
                                             sampling=sampling, row_seeds=seeds, eos_ids=eos, pad_id=pad)
         outs = [new[i, : int(counts[i])].tolist() for i in range(len(prompts))]
+        triggers = timings.pop("trigger_counts", [0] * len(prompts))
     elapsed = time.perf_counter() - t0
     texts = None
     if tokenizer is not None:
@@ -213,6 +226,7 @@ def generate(
         texts=texts,
         timings=dict(timings, total_s=elapsed, engine="fast" if engine != "reference" else "reference",
                      tokens=int(counts.sum())),
+        trigger_counts=torch.tensor(triggers, dtype=torch.long),
     )
 
 

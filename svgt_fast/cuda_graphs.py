@@ -89,7 +89,8 @@ class GraphedRefresh:
     and for refresh="exact" the response-row bucket): the value head, the EMA and the upper-stack
     pass over [bridge ; window ; this token] replay as one graph. An exact refresh at step t
     replays the graph of ceil(t / 32) * 32 rows (the extra rows repeat response token 0).
-    Callable: (tok, t, P, bridge_len, bridge [B, K, d], seeds, p_max) -> (tok, logits, bridge)."""
+    Callable: (tok, t, P, state, seeds, p_max) -> (tok, logits, state), state as in
+    `Engine.refresh_step`."""
 
     def __init__(self, engine, bucket: int, steering, sampling, exact_rows: int | None = None):
         self.engine, self.bucket, self.replays = engine, bucket, 0
@@ -99,13 +100,15 @@ class GraphedRefresh:
         mdtype = next(mod.parameters()).dtype
         self.tok = torch.zeros(bucket, dtype=torch.long, device=dev)
         self.P = torch.ones(bucket, dtype=torch.long, device=dev)
-        self.bridge_len = torch.full((bucket,), K, dtype=torch.long, device=dev)
         self.seeds = torch.zeros(bucket, dtype=torch.long, device=dev)
-        self.bridge = torch.zeros(bucket, K, d, dtype=mdtype, device=dev)
         self.t = torch.ones((), dtype=torch.long, device=dev)
+        self.state = (torch.zeros(bucket, K, d, dtype=mdtype, device=dev),        # bridge
+                      torch.full((bucket,), K, dtype=torch.long, device=dev),     # bridge_len
+                      torch.zeros(bucket, engine.w.hidden_size, dtype=engine.dtype, device=dev),  # h_ref
+                      torch.zeros(bucket, dtype=torch.long, device=dev))          # triggers
 
         def step():
-            return engine.refresh_step(self.tok, self.t, self.P, self.bridge_len, self.bridge, self.seeds, sampling,
+            return engine.refresh_step(self.tok, self.t, self.P, self.state, self.seeds, sampling,
                                        steering, engine.max_seq_len, exact_rows)
 
         side = torch.cuda.Stream(dev)
@@ -134,27 +137,27 @@ class GraphedRefresh:
         if steering.refresh_spec[0] != "exact":
             return cls.get(engine, batch, steering, sampling)
 
-        def run(tok, t, P, bridge_len, bridge, seeds, p_max):
+        def run(tok, t, P, state, seeds, p_max):
             rows = min(-(-int(t) // EXACT_ROWS_BUCKET) * EXACT_ROWS_BUCKET, engine.max_seq_len)
             graph = cls.get(engine, batch, steering, sampling, rows)
             run.replays += 1
-            return graph(tok, t, P, bridge_len, bridge, seeds, p_max)
+            return graph(tok, t, P, state, seeds, p_max)
 
         run.replays = 0
         return run
 
-    def __call__(self, tok, t, P, bridge_len, bridge, seeds, p_max):
+    def __call__(self, tok, t, P, state, seeds, p_max):
         B = tok.shape[0]
         self.tok[:B].copy_(tok)
         self.P[:B].copy_(P)
-        self.bridge_len[:B].copy_(bridge_len)
         self.seeds[:B].copy_(seeds)
-        self.bridge[:B].copy_(bridge)
+        for buf, val in zip(self.state, state):
+            buf[:B].copy_(val)
         if B < self.bucket:  # dummy rows as in GraphedDecode
             self.tok[B:].zero_()
             self.P[B:].fill_(1)
         self.t.fill_(t)
         self.graph.replay()
         self.replays += 1
-        tok, logits, bridge = self.out
-        return tok[:B].clone(), logits[:B], bridge[:B].clone()
+        tok, logits, new_state = self.out
+        return tok[:B].clone(), logits[:B], tuple(x[:B].clone() for x in new_state)

@@ -20,7 +20,7 @@ from .fast_model import (ModelWeights, apply_rope, attention_output_and_mlp, log
                          qkv_projection)
 from .kernels.reference import logical_to_storage, prefix_attention_ref
 from .sampling import SamplingParams, sample_next
-from .steering import SVGT, ema
+from .steering import SVGT, ema, trigger_drift
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 
@@ -206,7 +206,10 @@ class Engine:
         refresh = self._refresh_runner(B, steering, sampling) if steer else None
         replays0 = getattr(step, "replays", 0) + getattr(refresh, "replays", 0)
         t0 = time.perf_counter()
-        logits, bridge = self._prefill(ids, P, bridge_len, steering)
+        logits, state = self._prefill(ids, P, bridge_len, steering)
+        if steer:
+            bridge_len = state[1]
+            fired = state[3].clone()  # per row, up to its EOS (refreshes after it do not count)
         tok = sample_next(logits, sampling, seeds, 0)
         if logits_out is not None:
             logits_out.append(logits)
@@ -224,7 +227,10 @@ class Engine:
                 break
             if steer and t % steering.refresh_interval == 0:
                 r0 = time.perf_counter()
-                tok, logits, bridge = refresh(tok, t, P, bridge_len, bridge, seeds, p_max)
+                before = state[3]
+                tok, logits, state = refresh(tok, t, P, state, seeds, p_max)
+                bridge_len = state[1]
+                fired += (state[3] - before) * (~done)
                 timings["refresh_steps"] += 1
                 timings["refresh_s"] += time.perf_counter() - r0
             else:
@@ -240,6 +246,7 @@ class Engine:
             torch.cuda.synchronize(dev)
         timings["decode_s"] = time.perf_counter() - t0
         timings["graph_steps"] = getattr(step, "replays", 0) + getattr(refresh, "replays", 0) - replays0
+        timings["trigger_counts"] = fired.tolist() if steer else [0] * B
 
         counts = self._counts(out, eos, pad_id)
         width = int(counts.max())
@@ -264,11 +271,15 @@ class Engine:
         return steering.module.config.extract_layer if steering is not None else len(self.w.layers) - 1
 
     def _prefill(self, ids, P, bridge_len, steering):
-        """Prompt forward in chunks of logical rows. Returns (logits [B, V], bridge or None).
+        """Prompt forward in chunks of logical rows. Returns (logits [B, V], steering state or
+        None); the state is (bridge [B, K, d], bridge_len [B], h_ref [B, d], triggers [B]).
 
         Unsteered, each chunk runs through every layer. Steered, the lower stack runs first
         over the whole prompt (its extract-layer states fill the hidden cache), the bridge is
-        made from the last prompt token, then the upper stack runs over [prompt ; bridge]."""
+        made from the last prompt token, then the upper stack runs over [prompt ; bridge]. Under
+        policy="sparse" a row whose first check does not fire gets bridge_len 0 (gated off):
+        its bridge rows land in token slots that the response overwrites before any query can
+        see them, and its logits come from its last prompt row."""
         B, p_max = ids.shape
         L, e = len(self.w.layers), self._extract_layer(steering)
         batch = torch.arange(B, device=ids.device)
@@ -286,17 +297,21 @@ class Engine:
             x = torch.cat(last_rows, dim=1) if len(last_rows) > 1 else last_rows[0]
             return self._logits(x[batch, P - 1]), None
         K = steering.n_tokens
-        bridge = steering.bridge(self.hidden[batch, P - 1])  # [B, K, d], module dtype
+        h_ref = self.hidden[batch, P - 1]
+        bridge, score = steering.bridge_and_score(h_ref)  # [B, K, d], module dtype
+        fire = steering.fires(score, torch.zeros_like(score))
+        bridge_len = torch.where(fire, bridge_len, torch.zeros_like(bridge_len))
         total = p_max + K
+        last_idx = P - 1 + bridge_len
         last = torch.zeros((B, self.w.hidden_size), device=ids.device, dtype=self.dtype)
         for c0 in range(0, total, chunk):
             rows = torch.arange(c0, min(total, c0 + chunk), device=ids.device)
             x = self._upper_rows(rows, bridge, P, K)
             x = self._layers(x, range(e + 1, L), self._rows(c0, rows.numel(), B), P, bridge_len, True, p_max)
-            hit = (P - 1 + K >= c0) & (P - 1 + K < c0 + rows.numel())
-            idx = (P - 1 + K - c0).clamp(0, rows.numel() - 1)
+            hit = (last_idx >= c0) & (last_idx < c0 + rows.numel())
+            idx = (last_idx - c0).clamp(0, rows.numel() - 1)
             last = torch.where(hit[:, None], x[batch, idx], last)
-        return self._logits(last), bridge
+        return self._logits(last), (bridge, bridge_len, h_ref.clone(), fire.long())
 
     def _rows(self, start: int, n: int, B: int) -> torch.Tensor:
         """Logical indices start..start+n-1 for every sequence: [B, n]."""
@@ -326,19 +341,24 @@ class Engine:
         logits = self._logits(x[:, -1])
         return sample_next(logits, sampling, seeds, t), logits
 
-    def refresh_step(self, tok, t, P, bridge_len, bridge, seeds, sampling: SamplingParams, steering, n_slots: int,
+    def refresh_step(self, tok, t, P, state, seeds, sampling: SamplingParams, steering, n_slots: int,
                      exact_rows: int | None = None):
-        """A decode step with a bridge refresh. The lower stack runs for the new token, the EMA
-        bridge is updated, then by refresh mode (DESIGN §2):
+        """A decode step at which the value module is due. The lower stack runs for the new
+        token; rows that fire (all under policy="always"; see SVGT.policy) blend a new bridge in
+        by EMA (or take it as is when their bridge was gated off), then by refresh mode (DESIGN §2):
           exact     — the upper stack again over [bridge ; every response token so far];
           window=W  — over [bridge ; the last W response tokens before this one ; this one];
           bridge    — over [bridge ; this token] (window=0): older response K/V stay stale;
           project   — bridge K/V = each upper layer's k/v projection of the raw bridge vector
                       (RoPE on keys, no norm, no propagation), then a plain decode of this token.
-        The prompt's upper K/V never change. Shapes are static (t may be a 0-d device tensor),
+        Rows that do not fire run a plain decode: every row of their chunk is this token's
+        (identical rows write identical K/V). The prompt's upper K/V never change.
+        state = (bridge [B, K, d], bridge_len [B], h_ref [B, d], triggers [B]); returns
+        (token [B], logits [B, V], new state). Shapes are static (t may be a 0-d device tensor),
         so the step can be graph-captured like `decode_step`: a window not yet full repeats
-        response token 0 (an identical row that writes identical K/V); exact is the window of
-        `exact_rows` >= t rows (a graph bucket; default t, which makes the shape depend on t)."""
+        response token 0; exact is the window of `exact_rows` >= t rows (a graph bucket;
+        default t, which makes the shape depend on t)."""
+        bridge, bridge_len, h_ref, triggers = state
         L, e = len(self.w.layers), self._extract_layer(steering)
         B, dev = tok.shape[0], tok.device
         batch = torch.arange(B, device=dev)
@@ -346,27 +366,38 @@ class Engine:
         x = self._layers(self.w.embed[tok][:, None], range(e + 1), slot[:, None], P, bridge_len, False, n_slots)
         self.hidden[batch, slot] = x[:, 0]
         h_t = x[:, 0] if steering.trigger == "current" else self.hidden[batch, P - 1]
-        bridge = ema(bridge, steering.bridge(h_t), steering.beta)
-        mode, window = steering.refresh_spec
+        fresh, score = steering.bridge_and_score(h_t)
+        fire = steering.fires(score, trigger_drift(h_t, h_ref))
         K = steering.n_tokens
+        gate = (bridge_len > 0)[:, None, None]
+        f3 = fire[:, None, None]
+        bridge = torch.where(f3, torch.where(gate, ema(bridge, fresh, steering.beta), fresh), bridge)
+        bridge_len = torch.where(fire, torch.full_like(bridge_len, K), bridge_len)
+        h_ref = torch.where(fire[:, None], h_t, h_ref)
+        triggers = triggers + fire.long()
+        here = (slot + bridge_len)[:, None]  # this token's logical index
+        mode, window = steering.refresh_spec
         if mode == "project":
-            self._project_bridge(bridge.to(self.dtype), P, range(e + 1, L))
-            x, logical = x, (slot + bridge_len)[:, None]
+            self._project_bridge(bridge.to(self.dtype), P, range(e + 1, L), rows=fire)
+            logical = here
         else:
             n = (exact_rows if exact_rows is not None else int(t)) if mode == "exact" else window + 1
             j = (t - n + torch.arange(n, device=dev)).clamp(min=0)
             resp = self.hidden[batch[:, None], P[:, None] + j[None]]
-            x = torch.cat([bridge.to(self.dtype), resp], dim=1)
-            logical = torch.cat([P[:, None] + torch.arange(K, device=dev)[None], (P + K)[:, None] + j[None]], dim=1)
+            chunk = torch.cat([bridge.to(self.dtype), resp], dim=1)
+            rows = torch.cat([P[:, None] + torch.arange(K, device=dev)[None], (P + K)[:, None] + j[None]], dim=1)
+            x = torch.where(f3, chunk, x.expand_as(chunk))
+            logical = torch.where(fire[:, None], rows, here.expand_as(rows))
         x = self._layers(x, range(e + 1, L), logical, P, bridge_len, True, n_slots)
         logits = self._logits(x[:, -1])
-        return sample_next(logits, sampling, seeds, t), logits, bridge
+        return sample_next(logits, sampling, seeds, t), logits, (bridge, bridge_len, h_ref, triggers)
 
-    def _project_bridge(self, bridge, P, layer_ids):
+    def _project_bridge(self, bridge, P, layer_ids, rows: torch.Tensor | None = None):
         """refresh="project": write k_proj/v_proj(bridge) (keys rotated at P..P+K-1, RoPE in fp32
         rounded once) into the bridge buffer of each listed (consecutive) layer. bridge [B, K, d]
-        in the model dtype. One GEMM per layer, then two in-place patches for all layers at once
-        through the kv_patch op (csrc/) when its compiled backend serves this device."""
+        in the model dtype; rows [B] bool: only these sequences are patched (None = all). One GEMM
+        per layer, then two in-place patches for all layers at once through the kv_patch op
+        (csrc/) when its compiled backend serves this device."""
         B, K, _ = bridge.shape
         Hq, Hkv, D = self.w.n_heads, self.w.n_kv_heads, self.w.head_dim
         ids = list(layer_ids)
@@ -386,7 +417,7 @@ class Engine:
 
             dev = bridge.device
             seq = (torch.arange(Lu, device=dev)[:, None] * maxB + torch.arange(B, device=dev)[None]).reshape(-1)
-            dst = torch.zeros_like(seq)
+            dst = torch.zeros_like(seq) if rows is None else torch.where(rows, 0, -1).repeat(Lu)
             kbuf = self.k_bridge[l0:l0 + Lu].view(Lu * maxB, Hkv, self.kmax + 1, D)
             vbuf = self.v_bridge[l0:l0 + Lu].view(Lu * maxB, Hkv, self.kmax + 1, D)
             kv_patch(kbuf, k_src, seq, dst, self.cos, self.sin, pos.repeat(Lu, 1))
@@ -396,8 +427,13 @@ class Engine:
         c, sn = self.cos[pos].float()[:, None], self.sin[pos].float()[:, None]  # [B, 1, K, D]
         kf = k_src.view(Lu, B, Hkv, K, D).float()
         rot = torch.cat([-kf[..., D // 2:], kf[..., : D // 2]], dim=-1)
-        self.k_bridge[l0:l0 + Lu, :B, :, :K] = (kf * c + rot * sn).to(self.dtype)
-        self.v_bridge[l0:l0 + Lu, :B, :, :K] = v_src.view(Lu, B, Hkv, K, D)
+        k_new, v_new = (kf * c + rot * sn).to(self.dtype), v_src.view(Lu, B, Hkv, K, D)
+        if rows is not None:
+            keep = ~rows[None, :, None, None, None]
+            k_new = torch.where(keep, self.k_bridge[l0:l0 + Lu, :B, :, :K], k_new)
+            v_new = torch.where(keep, self.v_bridge[l0:l0 + Lu, :B, :, :K], v_new)
+        self.k_bridge[l0:l0 + Lu, :B, :, :K] = k_new
+        self.v_bridge[l0:l0 + Lu, :B, :, :K] = v_new
 
     def _kv_patch_ok(self) -> bool:
         """Use the kv_patch op when its compiled code serves this device (CUDA kernel on a GPU,
@@ -422,8 +458,8 @@ class Engine:
             from .cuda_graphs import GraphedRefresh
 
             return GraphedRefresh.runner(self, B, steering, sampling)
-        return lambda tok, t, P, bridge_len, bridge, seeds, p_max: self.refresh_step(
-            tok, t, P, bridge_len, bridge, seeds, sampling, steering, p_max + t)
+        return lambda tok, t, P, state, seeds, p_max: self.refresh_step(
+            tok, t, P, state, seeds, sampling, steering, p_max + t)
 
     @staticmethod
     def _counts(out, eos, pad_id):

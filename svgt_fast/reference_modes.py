@@ -16,7 +16,7 @@ import torch
 
 from .backbone import backbone_parts
 from .sampling import SamplingParams, sample_next
-from .steering import SVGT, ema
+from .steering import SVGT, ema, trigger_drift
 
 
 class _InlineCache:
@@ -74,11 +74,22 @@ def _project(model, cache: _InlineCache, bridge: torch.Tensor, P: int, layer_ids
         cache.k[i][:, :, idx], cache.v[i][:, :, idx] = k, v
 
 
+def _open_bridge(cache: _InlineCache, P: int, K: int) -> None:
+    """Sparse policy, first firing: make room for the bridge at P..P+K-1 — the response entries
+    move K places on, their keys keep the rotation they were written with."""
+    for i in cache.k:
+        ck, cv = cache.k[i], cache.v[i]
+        gap = ck.new_zeros(*ck.shape[:2], K, ck.shape[3])
+        cache.k[i] = torch.cat([ck[:, :, :P], gap, ck[:, :, P:]], dim=2)
+        cache.v[i] = torch.cat([cv[:, :, :P], gap.clone(), cv[:, :, P:]], dim=2)
+
+
 @torch.no_grad()
 def generate_row_cached(model, prompt: torch.Tensor, *, steering: SVGT, max_new_tokens: int,
                         sampling: SamplingParams, row_seed: int, eos_ids: frozenset[int],
-                        trace: list | None = None) -> list[int]:
-    """One unpadded prompt [P] under `steering.refresh`; returns the new token ids."""
+                        trace: list | None = None, stats: dict | None = None) -> list[int]:
+    """One unpadded prompt [P] under `steering.refresh` and `steering.policy`; returns the new
+    token ids (stats["triggers"]: how many times the value module fired, the prompt included)."""
     inner, layers, lm_head = backbone_parts(model)
     L, e, K = len(layers), steering.module.config.extract_layer, steering.n_tokens
     mode, window = steering.refresh_spec
@@ -89,8 +100,15 @@ def generate_row_cached(model, prompt: torch.Tensor, *, steering: SVGT, max_new_
     ar = lambda a, b: torch.arange(a, b, device=dev)
 
     h_prompt = _run(model, lower, inner.embed_tokens(prompt), ar(0, P), range(e + 1))
-    bridge = steering.bridge(h_prompt[P - 1][None])[0]
-    y = _run(model, upper, torch.cat([h_prompt, bridge.to(h_prompt.dtype)]), ar(0, P + K), range(e + 1, L))
+    h_ref = h_prompt[P - 1]
+    bridge, score = steering.bridge_and_score(h_ref[None])
+    bridge = bridge[0]
+    gate = bool(steering.fires(score, torch.zeros_like(score))[0])  # bridge on for this row?
+    fired = int(gate)
+    if gate:
+        y = _run(model, upper, torch.cat([h_prompt, bridge.to(h_prompt.dtype)]), ar(0, P + K), range(e + 1, L))
+    else:
+        y = _run(model, upper, h_prompt, ar(0, P), range(e + 1, L))
     h_resp: list[torch.Tensor] = []
     new: list[int] = []
     for t in range(max_new_tokens):
@@ -98,10 +116,20 @@ def generate_row_cached(model, prompt: torch.Tensor, *, steering: SVGT, max_new_
             tok = torch.tensor([new[-1]], device=dev)
             h = _run(model, lower, inner.embed_tokens(tok), ar(P + t - 1, P + t), range(e + 1))[0]
             h_resp.append(h)
-            rows, idx = h[None], ar(P + K + t - 1, P + K + t)
+            fire = False
             if t % steering.refresh_interval == 0:
                 h_t = h if steering.trigger == "current" else h_prompt[P - 1]
-                bridge = ema(bridge, steering.bridge(h_t[None])[0], steering.beta)
+                fresh, score = steering.bridge_and_score(h_t[None])
+                fire = bool(steering.fires(score, trigger_drift(h_t[None], h_ref[None]))[0])
+            Kg = K if (gate or fire) else 0
+            rows, idx = h[None], ar(P + Kg + t - 1, P + Kg + t)
+            if fire:
+                fired += 1
+                h_ref = h_t
+                bridge = ema(bridge, fresh[0], steering.beta) if gate else fresh[0]
+                if not gate:
+                    _open_bridge(upper, P, K)
+                    gate = True
                 b = bridge.to(h.dtype)
                 if mode == "project":
                     _project(model, upper, b, P, range(e + 1, L))
@@ -117,4 +145,6 @@ def generate_row_cached(model, prompt: torch.Tensor, *, steering: SVGT, max_new_
         new.append(nxt)
         if nxt in eos_ids:
             break
+    if stats is not None:
+        stats["triggers"] = fired
     return new

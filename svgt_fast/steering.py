@@ -8,6 +8,7 @@ import torch
 from .value_module import SVGTModule
 
 TRIGGERS = ("current", "prompt")
+POLICIES = ("always", "sparse")
 REFRESH_MODES = ("exact", "bridge", "project", "window=W")
 
 
@@ -29,6 +30,15 @@ def ema(old: torch.Tensor, new: torch.Tensor, beta: float) -> torch.Tensor:
     return beta * old + (1.0 - beta) * new
 
 
+def trigger_drift(h: torch.Tensor, h_ref: torch.Tensor) -> torch.Tensor:
+    """1 - cos(h, h_ref) per row in fp32 (0 where either is zero): how far the trigger state
+    moved since the row's last refresh (sparse triggering)."""
+    hf, rf = h.float(), h_ref.float()
+    denom = hf.norm(dim=-1) * rf.norm(dim=-1)
+    safe = torch.where(denom > 0, denom, torch.ones_like(denom))
+    return torch.where(denom > 0, 1 - (hf * rf).sum(-1) / safe, torch.zeros_like(denom))
+
+
 @dataclass(frozen=True)
 class SVGT:
     """SVGT steering with a value module.
@@ -43,6 +53,14 @@ class SVGT:
         semantics: bridge and every response token re-run through the upper stack), "window=W"
         (bridge + the last W response tokens), "bridge" (bridge only), "project" (the authors'
         shortcut: k/v projections of the raw bridge vector). The reference engine runs "exact".
+    policy: "always" (the paper: every sequence is refreshed every refresh_interval tokens) or
+        "sparse": the value module fires for a sequence only when, at a due step, its
+        discriminator score s > score_threshold or its trigger state drifted since the last
+        refresh, 1 - cos(h_t, h_ref) > drift_threshold (None = no drift rule). A sequence whose
+        first check (at the prompt) does not fire runs with its bridge gated off — exactly
+        unsteered — until it fires; its first bridge is then taken as is (no EMA), the
+        response keeps its positions after the bridge (refresh "exact" re-computes it; the
+        other modes keep its stale K/V, as they do for every refresh).
     """
 
     module: SVGTModule
@@ -51,6 +69,9 @@ class SVGT:
     trigger: str = "current"
     gradient_step_size: float = 1.0
     refresh: str = "exact"
+    policy: str = "always"
+    score_threshold: float = 0.0
+    drift_threshold: float | None = None
 
     def __post_init__(self):
         if not isinstance(self.module, SVGTModule):
@@ -64,6 +85,21 @@ class SVGT:
         if not (self.gradient_step_size >= 0.0):
             raise ValueError(f"gradient_step_size must be >= 0, got {self.gradient_step_size}")
         parse_refresh(self.refresh)
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if not isinstance(self.score_threshold, (int, float)) or self.score_threshold != self.score_threshold:
+            raise ValueError(f"score_threshold must be a number, got {self.score_threshold!r}")
+        if self.drift_threshold is not None and not (0.0 <= self.drift_threshold <= 2.0):
+            raise ValueError(f"drift_threshold must lie in [0, 2] (1 - cosine) or be None, got {self.drift_threshold}")
+
+    def fires(self, score: torch.Tensor, drift: torch.Tensor) -> torch.Tensor:
+        """Which rows fire at a due step: [B] bool from the discriminator score and the drift."""
+        if self.policy == "always":
+            return torch.ones_like(score, dtype=torch.bool)
+        out = score > self.score_threshold
+        if self.drift_threshold is not None:
+            out = out | (drift > self.drift_threshold)
+        return out
 
     @property
     def refresh_spec(self) -> tuple[str, int | None]:
@@ -75,6 +111,9 @@ class SVGT:
 
     def bridge(self, trigger: torch.Tensor) -> torch.Tensor:
         return self.module.bridge(trigger, self.gradient_step_size)
+
+    def bridge_and_score(self, trigger: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.module.bridge_and_score(trigger, self.gradient_step_size)
 
     def refresh_bridge(self, bridge: torch.Tensor, trigger: torch.Tensor) -> torch.Tensor:
         """EMA of the old bridge [B, K, d] and a new one from trigger [B, d]."""

@@ -178,6 +178,10 @@ def gradient_delta(discriminator: Discriminator, z: torch.Tensor, step_size: flo
     step_size: a float or a [B] tensor (per-request strength).
     """
     s, g = discriminator.score_and_grad(z)
+    return _delta_from(s, g, z, step_size)
+
+
+def _delta_from(s: torch.Tensor, g: torch.Tensor, z: torch.Tensor, step_size) -> torch.Tensor:
     n = g.norm(dim=-1, keepdim=True) + 1e-8
     step = torch.as_tensor(step_size, dtype=z.dtype, device=z.device)
     if step.dim() == 1:
@@ -246,11 +250,16 @@ class SVGTModule(nn.Module):
 
     def bridge(self, trigger: torch.Tensor, step_size: float | torch.Tensor = 1.0) -> torch.Tensor:
         """K bridge tokens [B, K, d] (module dtype) for trigger hidden states [B, d] or [B, T, d]."""
+        return self.bridge_and_score(trigger, step_size)[0]
+
+    def bridge_and_score(self, trigger: torch.Tensor, step_size: float | torch.Tensor = 1.0):
+        """(bridge [B, K, d], discriminator score s [B]) — s > 0 reads as unsafe."""
         self._check_trigger(trigger)
         z = self.value(trigger)
-        dz = gradient_delta(self.discriminator, z, step_size)
+        s, g = self.discriminator.score_and_grad(z)
+        dz = _delta_from(s, g, z, step_size)
         h_last = (trigger if trigger.dim() == 2 else trigger[:, -1]).to(self.dtype)
-        return self.generator(h_last, dz)
+        return self.generator(h_last, dz), s
 
     def _check_trigger(self, trigger: torch.Tensor) -> None:
         if trigger.dim() not in (2, 3) or trigger.shape[-1] != self.config.hidden_size:

@@ -14,28 +14,26 @@ from helpers import ragged_prompts
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-@pytest.mark.parametrize("steered", [False, "exact", "window=3", "bridge", "project"])
+@pytest.mark.parametrize("steered", [False, "exact", "window=3", "bridge", "project", "sparse"])
 def test_graphed_triton_engine_equals_reference_fp32(steered):
-    """Decode and (static-mode) refresh steps replayed from CUDA graphs, fp32 on the GPU, against
-    the oracle (exact) or the mode's own eager reference."""
-    from svgt_fast.reference_modes import generate_row_cached
-    from svgt_fast.sampling import SamplingParams
-
+    """Decode and refresh steps replayed from CUDA graphs, fp32 on the GPU, against the oracle
+    (exact) or the mode's own eager reference (generate routes there); "sparse": bridges that
+    open mid-way (policy="sparse", drift rule), window=3."""
     model = build_tiny_model("qwen3", seed=30).cuda()
-    steering = SVGT(build_value_module(model, seed=30), refresh_interval=3, refresh=steered) if steered else None
+    steering = None
+    if steered == "sparse":
+        steering = SVGT(build_value_module(model, seed=30), refresh_interval=3, refresh="window=3", policy="sparse",
+                        score_threshold=1e9, drift_threshold=0.4)
+    elif steered:
+        steering = SVGT(build_value_module(model, seed=30), refresh_interval=3, refresh=steered)
     rows = ragged_prompts(30, lengths=(5, 9, 14))
-    if steered in (False, "exact"):
-        ref = generate(model, rows, steering=steering, max_new_tokens=16, engine="reference")
-    else:
-        ref = type("R", (), {})()
-        ref.new_tokens = torch.tensor([
-            generate_row_cached(model, torch.tensor(r).cuda(), steering=steering, max_new_tokens=16,
-                                sampling=SamplingParams(), row_seed=0, eos_ids=frozenset()) for r in rows])
+    ref = generate(model, rows, steering=steering, max_new_tokens=16, engine="reference")
     eng = Engine(model, max_batch=4, max_seq_len=64)
     assert eng.attention == "triton" and eng.cuda_graphs
     for _ in range(2):  # second call replays the captured graphs
         fast = generate(model, rows, steering=steering, max_new_tokens=16, engine=eng)
         assert torch.equal(fast.new_tokens.cpu(), ref.new_tokens.cpu())
+        assert torch.equal(fast.trigger_counts, ref.trigger_counts)
         assert fast.timings["graph_steps"] > 0
 
 

@@ -74,9 +74,9 @@ def test_exact_refresh_row_buckets_change_nothing(tiny_models):
     padded = []
 
     def runner(B, steering, sampling):
-        def run(tok, t, P, bridge_len, bridge, seeds, p_max):
+        def run(tok, t, P, state, seeds, p_max):
             padded.append(-(-t // 4) * 4 + 4 - t)
-            return eng.refresh_step(tok, t, P, bridge_len, bridge, seeds, sampling, steering, p_max + t,
+            return eng.refresh_step(tok, t, P, state, seeds, sampling, steering, p_max + t,
                                     exact_rows=-(-t // 4) * 4 + 4)
         return run
 

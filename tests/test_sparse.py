@@ -1,0 +1,95 @@
+"""Sparse value-module triggering (SVGT(policy="sparse")): the engine against the sparse eager
+reference, the two limits (never fires = unsteered, always fires = policy "always"), the
+per-row trigger counts, and bad options."""
+import pytest
+import torch
+
+from svgt_fast import SVGT, Engine, generate
+from svgt_fast.tiny import build_value_module
+
+from helpers import ragged_prompts
+
+N_NEW = 14
+
+
+@pytest.mark.parametrize("fam", ["llama", "qwen2"])
+def test_never_triggered_equals_unsteered(tiny_models, fam):
+    model = tiny_models[fam]
+    steering = SVGT(build_value_module(model, seed=50), refresh_interval=2, policy="sparse", score_threshold=1e9)
+    rows = ragged_prompts(50, lengths=(6, 11, 3))
+    plain = generate(model, rows, max_new_tokens=N_NEW)
+    for engine in ("fast", "reference"):
+        out = generate(model, rows, steering=steering, max_new_tokens=N_NEW, engine=engine)
+        assert torch.equal(out.new_tokens, plain.new_tokens), engine
+        assert out.trigger_counts.tolist() == [0, 0, 0]
+
+
+def test_threshold_below_every_score_equals_always(tiny_models):
+    model = tiny_models["mistral"]
+    module = build_value_module(model, seed=51)
+    rows = ragged_prompts(51, lengths=(5, 9))
+    always = generate(model, rows, max_new_tokens=N_NEW, steering=SVGT(module, refresh_interval=3))
+    sparse = generate(model, rows, max_new_tokens=N_NEW,
+                      steering=SVGT(module, refresh_interval=3, policy="sparse", score_threshold=-1e9))
+    assert torch.equal(always.new_tokens, sparse.new_tokens)
+    # the prompt, then steps 3, 6, 9, 12 of 14
+    assert always.trigger_counts.tolist() == sparse.trigger_counts.tolist() == [5, 5]
+
+
+@pytest.mark.parametrize("refresh", ["exact", "bridge", "window=2", "project"])
+def test_sparse_engine_equals_reference(tiny_models, refresh):
+    """Rows start gated off (no score fires) and fire later on drift: the bridge opens mid-way."""
+    model = tiny_models["llama"]
+    module = build_value_module(model, seed=50)
+    steering = SVGT(module, refresh_interval=2, policy="sparse", score_threshold=1e9, drift_threshold=0.5,
+                    refresh=refresh)
+    rows = ragged_prompts(50, lengths=(6, 11, 3, 8))
+    fast = generate(model, rows, steering=steering, max_new_tokens=N_NEW, engine="fast")
+    ref = generate(model, rows, steering=steering, max_new_tokens=N_NEW, engine="reference")
+    assert torch.equal(fast.new_tokens, ref.new_tokens)
+    counts = fast.trigger_counts.tolist()
+    assert counts == ref.trigger_counts.tolist()
+    assert min(counts) >= 1 and len(set(counts)) > 1  # every row opened its bridge, not equally often
+    assert max(counts) <= 6  # never at the prompt (drift 0 there), at most every due step
+
+
+def test_sparse_mixed_prefill_gates(tiny_models):
+    """A score threshold in the middle: some rows open their bridge at the prompt, some not."""
+    model = tiny_models["llama"]
+    steering = SVGT(build_value_module(model, seed=50), refresh_interval=2, policy="sparse", score_threshold=0.0)
+    rows = ragged_prompts(50, lengths=(6, 11, 3, 8))
+    fast = generate(model, rows, steering=steering, max_new_tokens=N_NEW, engine="fast")
+    ref = generate(model, rows, steering=steering, max_new_tokens=N_NEW, engine="reference")
+    assert torch.equal(fast.new_tokens, ref.new_tokens)
+    assert fast.trigger_counts.tolist() == ref.trigger_counts.tolist()
+    assert len(set(fast.trigger_counts.tolist())) > 1
+
+
+def test_sparse_triton_backend(tiny_models):
+    model = tiny_models["qwen3"]
+    steering = SVGT(build_value_module(model, seed=52), refresh_interval=2, policy="sparse", score_threshold=1e9,
+                    drift_threshold=0.4, refresh="window=2")
+    rows = ragged_prompts(52, lengths=(6, 3))
+    eng = Engine(model, max_batch=2, max_seq_len=32, attention="triton")
+    fast = generate(model, rows, steering=steering, max_new_tokens=10, engine=eng)
+    ref = generate(model, rows, steering=steering, max_new_tokens=10, engine="reference")
+    assert torch.equal(fast.new_tokens, ref.new_tokens)
+    assert fast.trigger_counts.tolist() == ref.trigger_counts.tolist()
+
+
+def test_unsteered_output_has_zero_trigger_counts(tiny_models):
+    model = tiny_models["llama"]
+    out = generate(model, ragged_prompts(53, lengths=(4, 7)), max_new_tokens=3)
+    assert out.trigger_counts.tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(policy="sometimes"), "policy must be one of"),
+    (dict(drift_threshold=3.0), "drift_threshold"),
+    (dict(drift_threshold=-0.1), "drift_threshold"),
+    (dict(score_threshold=float("nan")), "score_threshold"),
+])
+def test_bad_policy_options(tiny_models, kw, match):
+    module = build_value_module(tiny_models["llama"], seed=54)
+    with pytest.raises(ValueError, match=match):
+        SVGT(module, **kw)
