@@ -9,6 +9,7 @@ import torch
 
 from .backbone import backbone_info, check_total_length, model_device_dtype
 from .sampling import SamplingParams
+from .plan import SteeringPlan
 from .steering import SVGT
 
 ENGINES = ("reference", "fast")
@@ -120,7 +121,7 @@ def generate(
     model,
     input_ids,
     *,
-    steering: SVGT | None = None,
+    steering: SVGT | None | list = None,
     max_new_tokens: int,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -136,7 +137,9 @@ def generate(
 
     input_ids: [B, P] or [P] token ids (with attention_mask for left/right padding), a list of
         token lists (ragged), or text (str or list of str) together with `tokenizer`.
-    steering: None or `svgt_fast.SVGT(module, ...)`.
+    steering: None, `svgt_fast.SVGT(module, ...)` for every row, or a list with one SVGT-or-None
+        per prompt (per-request steering: rows mix modules of this backbone, K, strengths,
+        intervals, refresh modes and policies; each row's tokens equal running it alone).
     temperature 0 is greedy; otherwise top_k (0 = off) then top_p filter, and a seeded draw
         (row i uses seed + i, so a row's tokens do not depend on the rest of the batch).
     engine: "fast" (default: an Engine sized for this call, cached per model), an
@@ -152,30 +155,31 @@ def generate(
         raise ValueError("the Engine given was built for another model")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if steering is not None and not isinstance(steering, SVGT):
-        raise TypeError(f"steering must be None or svgt_fast.SVGT(...), got {type(steering).__name__}")
+    if not (steering is None or isinstance(steering, (SVGT, list, tuple))):
+        raise TypeError(f"steering must be None, svgt_fast.SVGT(...) or a list of them, got {type(steering).__name__}")
     sampling = SamplingParams(float(temperature), float(top_p), int(top_k))
     if seed is None:
         if not sampling.greedy:
             raise ValueError("sampling (temperature > 0) needs seed=... so that results are reproducible")
         seed = 0
     info = backbone_info(model)
-    if steering is not None:
-        steering.module.check_backbone(model)
     device, _ = model_device_dtype(model)
     ids, mask = _as_batch(input_ids, tokenizer, attention_mask, device)
+    plan = SteeringPlan.build(steering, ids.shape[0])  # one SVGT-or-None per row
+    for g in plan.groups:
+        g.steering.module.check_backbone(model)
     if int(ids.max()) >= info.vocab_size or int(ids.min()) < 0:
         raise ValueError(f"input_ids hold ids outside the vocabulary [0, {info.vocab_size})")
     prompts = _unpad(ids, mask)
-    extra = steering.n_tokens if steering is not None else 0
-    for i, p in enumerate(prompts):
+    for i, (p, st) in enumerate(zip(prompts, plan.per_row)):
+        extra = st.n_tokens if st is not None else 0
         check_total_length(info, p.shape[0] + extra + max_new_tokens, f"row {i} (prompt {p.shape[0]} tokens)")
     eos = _eos_set(model, eos_token_id)
     pad = _pad_id(model, pad_token_id, eos)
 
     t0 = time.perf_counter()
-    if steering is not None:
-        steering.module.to(device)
+    for g in plan.groups:
+        g.steering.module.to(device)
     timings = {}
     if engine == "reference":
         from .reference import generate_row
@@ -183,10 +187,11 @@ def generate(
 
         # The oracle re-computes everything (refresh "exact"); the approximate refresh modes
         # have their own eager reference, which keeps the stale K/V those modes define.
-        row_fn = generate_row
-        cached = steering is not None and (steering.refresh != "exact" or steering.policy != "always")
+        # Per-request steering: each row runs alone with its own steering (the definition the
+        # fast engine's mixed batches are tested against).
         outs, triggers = [], []
-        for i, p in enumerate(prompts):
+        for i, (p, steering) in enumerate(zip(prompts, plan.per_row)):
+            cached = steering is not None and (steering.refresh != "exact" or steering.policy != "always")
             if cached:
                 stats = {}
                 outs.append(generate_row_cached(model, p, steering=steering, max_new_tokens=max_new_tokens,
@@ -209,9 +214,9 @@ def generate(
     else:
         eng = engine if isinstance(engine, Engine) else _cached_engine(model, len(prompts),
                                                                       max(p.shape[0] for p in prompts) + max_new_tokens,
-                                                                      steering)
+                                                                      plan)
         seeds = seed + torch.arange(len(prompts), dtype=torch.int64)
-        new, counts, timings = eng.generate(prompts, steering=steering, max_new_tokens=max_new_tokens,
+        new, counts, timings = eng.generate(prompts, steering=list(plan.per_row), max_new_tokens=max_new_tokens,
                                             sampling=sampling, row_seeds=seeds, eos_ids=eos, pad_id=pad)
         outs = [new[i, : int(counts[i])].tolist() for i in range(len(prompts))]
         triggers = timings.pop("trigger_counts", [0] * len(prompts))
@@ -233,12 +238,12 @@ def generate(
 _ENGINES = weakref.WeakKeyDictionary()
 
 
-def _cached_engine(model, batch: int, seq_len: int, steering):
+def _cached_engine(model, batch: int, seq_len: int, plan):
     """One Engine per model, grown (never shrunk) to the largest request seen."""
     from .engine import Engine
 
     eng = _ENGINES.get(model)
-    k = steering.n_tokens if steering is not None else 1
+    k = max(plan.kmax, 1)
     if eng is None or eng.max_batch < batch or eng.max_seq_len < seq_len or eng.kmax < k:
         b = max(batch, eng.max_batch if eng else 1)
         s = max(seq_len, eng.max_seq_len if eng else 2)

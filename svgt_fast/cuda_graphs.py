@@ -30,7 +30,7 @@ def graph_pool(engine):
 class GraphedDecode:
     """Callable like the eager step: (tok [B], t, P [B], bridge_len [B], seeds [B], p_max) -> (tok, logits)."""
 
-    def __init__(self, engine, bucket: int, steering, sampling):
+    def __init__(self, engine, bucket: int, plan, sampling):
         self.engine, self.bucket, self.replays = engine, bucket, 0
         dev = engine.device
         self.tok = torch.zeros(bucket, dtype=torch.long, device=dev)
@@ -41,7 +41,7 @@ class GraphedDecode:
 
         def step():
             return engine.decode_step(self.tok, self.t, self.P, self.bridge_len, self.seeds, sampling,
-                                      steering, engine.max_seq_len)
+                                      plan, engine.max_seq_len)
 
         # Warm up on a side stream (compiles the Triton kernels), then capture.
         side = torch.cuda.Stream(dev)
@@ -55,13 +55,15 @@ class GraphedDecode:
             self.out = step()
 
     @classmethod
-    def get(cls, engine, batch: int, steering, sampling) -> "GraphedDecode":
+    def get(cls, engine, batch: int, plan, sampling) -> "GraphedDecode":
+        """The decode step reads only the plan's split (the extract layer), so one graph serves
+        every mix of steering with that split."""
         bucket = bucket_for(batch, engine.max_batch)
-        layout = None if steering is None else (steering.module.config.extract_layer,)
+        layout = (plan.extract_layer,) if plan.steered else None
         key = (bucket, layout, sampling)
         graph = engine.graphs.get(key)
         if graph is None:
-            graph = engine.graphs[key] = cls(engine, bucket, steering, sampling)
+            graph = engine.graphs[key] = cls(engine, bucket, plan.padded(bucket), sampling)
         return graph
 
     def __call__(self, tok, t, P, bridge_len, seeds, p_max):
@@ -85,31 +87,30 @@ EXACT_ROWS_BUCKET = 32  # refresh="exact" re-runs t response rows: graphs per 32
 
 
 class GraphedRefresh:
-    """The refresh step (`Engine.refresh_step`) captured per (batch bucket, steering, sampling,
-    and for refresh="exact" the response-row bucket): the value head, the EMA and the upper-stack
-    pass over [bridge ; window ; this token] replay as one graph. An exact refresh at step t
-    replays the graph of ceil(t / 32) * 32 rows (the extra rows repeat response token 0).
-    Callable: (tok, t, P, state, seeds, p_max) -> (tok, logits, state), state as in
+    """The refresh step (`Engine.refresh_step`) captured per (batch bucket, steering plan,
+    sampling, due groups, and when an exact group is due the response-row bucket): the value
+    heads, the EMA and the upper-stack pass over [bridge ; window ; this token] replay as one
+    graph. An exact refresh at step t replays the graph of ceil(t / 32) * 32 rows (the extra
+    rows repeat response token 0). The plan is part of the key: a new mix of steering options
+    captures new refresh graphs (the decode graph is shared).
+    Callable: (tok, t, P, state, seeds, p_max, due) -> (tok, logits, state), state as in
     `Engine.refresh_step`."""
 
-    def __init__(self, engine, bucket: int, steering, sampling, exact_rows: int | None = None):
+    def __init__(self, engine, bucket: int, plan, sampling, due, exact_rows: int | None = None):
         self.engine, self.bucket, self.replays = engine, bucket, 0
         dev = engine.device
-        mod = steering.module
-        K, d = steering.n_tokens, mod.config.hidden_size
-        mdtype = next(mod.parameters()).dtype
         self.tok = torch.zeros(bucket, dtype=torch.long, device=dev)
         self.P = torch.ones(bucket, dtype=torch.long, device=dev)
         self.seeds = torch.zeros(bucket, dtype=torch.long, device=dev)
         self.t = torch.ones((), dtype=torch.long, device=dev)
-        self.state = (torch.zeros(bucket, K, d, dtype=mdtype, device=dev),        # bridge
-                      torch.full((bucket,), K, dtype=torch.long, device=dev),     # bridge_len
+        self.state = (torch.zeros(bucket, plan.kmax, plan.hidden_size, dtype=plan.dtype, device=dev),  # bridge
+                      torch.zeros(bucket, dtype=torch.long, device=dev),                          # bridge_len
                       torch.zeros(bucket, engine.w.hidden_size, dtype=engine.dtype, device=dev),  # h_ref
-                      torch.zeros(bucket, dtype=torch.long, device=dev))          # triggers
+                      torch.zeros(bucket, dtype=torch.long, device=dev))                          # triggers
 
         def step():
             return engine.refresh_step(self.tok, self.t, self.P, self.state, self.seeds, sampling,
-                                       steering, engine.max_seq_len, exact_rows)
+                                       plan, engine.max_seq_len, due, exact_rows)
 
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
@@ -122,40 +123,36 @@ class GraphedRefresh:
             self.out = step()
 
     @classmethod
-    def get(cls, engine, batch: int, steering, sampling, exact_rows: int | None = None) -> "GraphedRefresh":
+    def runner(cls, engine, batch: int, plan, sampling):
+        """The callable the engine's loop uses: picks (capturing on first use) the graph of the
+        due groups and, when an exact group is due, of the row bucket."""
         bucket = bucket_for(batch, engine.max_batch)
-        key = ("refresh", bucket, steering, sampling, exact_rows)
-        graph = engine.graphs.get(key)
-        if graph is None:
-            graph = engine.graphs[key] = cls(engine, bucket, steering, sampling, exact_rows)
-        return graph
+        padded = plan.padded(bucket)
 
-    @classmethod
-    def runner(cls, engine, batch: int, steering, sampling):
-        """The callable the engine's loop uses: static modes replay one graph; exact picks the
-        graph of its row bucket at each refresh."""
-        if steering.refresh_spec[0] != "exact":
-            return cls.get(engine, batch, steering, sampling)
-
-        def run(tok, t, P, state, seeds, p_max):
-            rows = min(-(-int(t) // EXACT_ROWS_BUCKET) * EXACT_ROWS_BUCKET, engine.max_seq_len)
-            graph = cls.get(engine, batch, steering, sampling, rows)
+        def run(tok, t, P, state, seeds, p_max, due):
+            exact = any(plan.groups[i].steering.refresh_spec[0] == "exact" for i in due)
+            rows = min(-(-int(t) // EXACT_ROWS_BUCKET) * EXACT_ROWS_BUCKET, engine.max_seq_len) if exact else None
+            key = ("refresh", bucket, padded, sampling, due, rows)
+            graph = engine.graphs.get(key)
+            if graph is None:
+                graph = engine.graphs[key] = cls(engine, bucket, padded, sampling, due, rows)
             run.replays += 1
-            return graph(tok, t, P, state, seeds, p_max)
+            return graph(tok, t, P, state, seeds)
 
         run.replays = 0
         return run
 
-    def __call__(self, tok, t, P, state, seeds, p_max):
+    def __call__(self, tok, t, P, state, seeds):
         B = tok.shape[0]
         self.tok[:B].copy_(tok)
         self.P[:B].copy_(P)
         self.seeds[:B].copy_(seeds)
         for buf, val in zip(self.state, state):
             buf[:B].copy_(val)
-        if B < self.bucket:  # dummy rows as in GraphedDecode
+        if B < self.bucket:  # dummy rows as in GraphedDecode (unsteered in the padded plan)
             self.tok[B:].zero_()
             self.P[B:].fill_(1)
+            self.state[1][B:].zero_()
         self.t.fill_(t)
         self.graph.replay()
         self.replays += 1

@@ -20,6 +20,7 @@ from .fast_model import (ModelWeights, apply_rope, attention_output_and_mlp, log
                          qkv_projection)
 from .kernels.reference import logical_to_storage, prefix_attention_ref
 from .sampling import SamplingParams, sample_next
+from .plan import SteeringPlan
 from .steering import SVGT, ema, trigger_drift
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
@@ -159,7 +160,7 @@ class Engine:
         return logits_from_hidden(self.w, x)
 
     # ------------------------------------------------------------------------------------------
-    def check_request(self, prompts: list[torch.Tensor], max_new_tokens: int, steering: SVGT | None) -> None:
+    def check_request(self, prompts: list[torch.Tensor], max_new_tokens: int, plan: SteeringPlan) -> None:
         if len(prompts) > self.max_batch:
             raise ValueError(f"batch of {len(prompts)} exceeds the engine's max_batch={self.max_batch}")
         longest = max(p.shape[0] for p in prompts)
@@ -167,22 +168,25 @@ class Engine:
             raise ValueError(
                 f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the engine's "
                 f"max_seq_len={self.max_seq_len}")
-        if steering is not None:
-            if steering.n_tokens > self.kmax:
-                raise ValueError(f"K={steering.n_tokens} bridge tokens exceed max_bridge_tokens={self.kmax}")
-            steering.module.check_backbone(self.model)
+        for g in plan.groups:
+            if g.k > self.kmax:
+                raise ValueError(f"K={g.k} bridge tokens exceed max_bridge_tokens={self.kmax}")
+            g.steering.module.check_backbone(self.model)
 
     @torch.no_grad()
-    def generate(self, prompts: list[torch.Tensor], *, steering: SVGT | None, max_new_tokens: int,
+    def generate(self, prompts: list[torch.Tensor], *, steering, max_new_tokens: int,
                  sampling: SamplingParams, row_seeds: torch.Tensor, eos_ids: frozenset[int], pad_id: int,
                  forced_tokens: torch.Tensor | None = None, logits_out: list | None = None):
         """Generate for unpadded prompts (list of [P_b] tensors). Returns (new_tokens [B, N] with
         pad after EOS, counts [B], timings dict).
 
+        steering: None, one SVGT for every row, or a list of SVGT-or-None, one per row (rows mix
+        modules, K, strengths, intervals, refresh modes and policies; see plan.py).
         forced_tokens [B, N]: teacher forcing — step t feeds forced_tokens[:, t-1] instead of
         the sampled token (scoring a continuation under steering). logits_out: a list that
         receives each step's next-token logits [B, V]."""
-        self.check_request(prompts, max_new_tokens, steering)
+        plan = SteeringPlan.build(steering, len(prompts))
+        self.check_request(prompts, max_new_tokens, plan)
         B, dev = len(prompts), self.device
         if max_new_tokens == 0:
             return torch.empty((B, 0), dtype=torch.long, device=dev), torch.zeros(B, dtype=torch.long), {}
@@ -193,20 +197,19 @@ class Engine:
             ids[b, : p.shape[0]] = p.to(dev)
         seeds = row_seeds.to(dev)
         eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=dev)
-        steer = steering is not None
-        K = steering.n_tokens if steer else 0
-        bridge_len = torch.full((B,), K, dtype=torch.long, device=dev)
+        steer = plan.steered
+        bridge_len = plan.row_k(dev)
         if steer and self.hidden is None:
             self.hidden = torch.zeros(self.max_batch, self.max_seq_len + 1, self.w.hidden_size, device=dev, dtype=self.dtype)
         timings = {"prefill_s": 0.0, "decode_s": 0.0, "refresh_s": 0.0, "refresh_steps": 0, "graph_steps": 0}
 
         # Before the prefill: capturing a graph first runs the step on dummy inputs, which
         # writes into the caches; the prefill then overwrites what matters.
-        step = self._decode_runner(B, steering, sampling)
-        refresh = self._refresh_runner(B, steering, sampling) if steer else None
+        step = self._decode_runner(B, plan, sampling)
+        refresh = self._refresh_runner(B, plan, sampling) if steer else None
         replays0 = getattr(step, "replays", 0) + getattr(refresh, "replays", 0)
         t0 = time.perf_counter()
-        logits, state = self._prefill(ids, P, bridge_len, steering)
+        logits, state = self._prefill(ids, P, plan)
         if steer:
             bridge_len = state[1]
             fired = state[3].clone()  # per row, up to its EOS (refreshes after it do not count)
@@ -225,10 +228,11 @@ class Engine:
         for t in range(1, max_new_tokens):
             if t % 8 == 0 and bool(done.all()):  # one host sync every 8 steps to stop early
                 break
-            if steer and t % steering.refresh_interval == 0:
+            due = plan.due(t) if steer else ()
+            if due:
                 r0 = time.perf_counter()
                 before = state[3]
-                tok, logits, state = refresh(tok, t, P, state, seeds, p_max)
+                tok, logits, state = refresh(tok, t, P, state, seeds, p_max, due)
                 bridge_len = state[1]
                 fired += (state[3] - before) * (~done)
                 timings["refresh_steps"] += 1
@@ -253,60 +257,68 @@ class Engine:
         return out[:, :width], counts, timings
 
     @torch.no_grad()
-    def prefill_logits(self, prompts: list[torch.Tensor], steering: SVGT | None = None) -> torch.Tensor:
+    def prefill_logits(self, prompts: list[torch.Tensor], steering=None) -> torch.Tensor:
         """Next-token logits [B, V] after the prompts (the first sampling step), for checks."""
-        self.check_request(prompts, 1, steering)
+        plan = SteeringPlan.build(steering, len(prompts))
+        self.check_request(prompts, 1, plan)
         dev = self.device
         P = torch.tensor([p.shape[0] for p in prompts], device=dev)
         ids = torch.zeros((len(prompts), int(P.max())), dtype=torch.long, device=dev)
         for b, p in enumerate(prompts):
             ids[b, : p.shape[0]] = p.to(dev)
-        K = steering.n_tokens if steering is not None else 0
-        if steering is not None and self.hidden is None:
+        if plan.steered and self.hidden is None:
             self.hidden = torch.zeros(self.max_batch, self.max_seq_len + 1, self.w.hidden_size, device=dev, dtype=self.dtype)
-        return self._prefill(ids, P, torch.full_like(P, K), steering)[0]
+        return self._prefill(ids, P, plan)[0]
 
     # ---- the three kinds of forward ----------------------------------------------------------
-    def _extract_layer(self, steering: SVGT | None) -> int:
-        return steering.module.config.extract_layer if steering is not None else len(self.w.layers) - 1
+    def _extract_layer(self, plan: SteeringPlan) -> int:
+        return plan.extract_layer if plan.steered else len(self.w.layers) - 1
 
-    def _prefill(self, ids, P, bridge_len, steering):
+    def _prefill(self, ids, P, plan: SteeringPlan):
         """Prompt forward in chunks of logical rows. Returns (logits [B, V], steering state or
-        None); the state is (bridge [B, K, d], bridge_len [B], h_ref [B, d], triggers [B]).
+        None); the state is (bridge [B, Kmax, d], bridge_len [B], h_ref [B, d], triggers [B]).
 
         Unsteered, each chunk runs through every layer. Steered, the lower stack runs first
-        over the whole prompt (its extract-layer states fill the hidden cache), the bridge is
-        made from the last prompt token, then the upper stack runs over [prompt ; bridge]. Under
-        policy="sparse" a row whose first check does not fire gets bridge_len 0 (gated off):
-        its bridge rows land in token slots that the response overwrites before any query can
-        see them, and its logits come from its last prompt row."""
+        over the whole prompt (its extract-layer states fill the hidden cache), each group's
+        bridge is made from its rows' last prompt token, then the upper stack runs over
+        [prompt ; bridge]. A row without steering, or whose first check does not fire
+        (policy="sparse"), gets bridge_len 0 (gated off): its bridge rows land in token slots
+        that the response overwrites before any query can see them, and its logits come from
+        its last prompt row."""
         B, p_max = ids.shape
-        L, e = len(self.w.layers), self._extract_layer(steering)
-        batch = torch.arange(B, device=ids.device)
+        dev = ids.device
+        L, e = len(self.w.layers), self._extract_layer(plan)
+        batch = torch.arange(B, device=dev)
         chunk = max(16, self.prefill_tokens // B)
+        no_bridge = torch.zeros(B, dtype=torch.long, device=dev)
         last_rows = []
         for c0 in range(0, p_max, chunk):
             x = self.w.embed[ids[:, c0:c0 + chunk]]
             logical = self._rows(c0, x.shape[1], B)
-            x = self._layers(x, range(e + 1), logical, P, bridge_len, False, min(p_max, c0 + chunk))
-            if steering is None:
+            x = self._layers(x, range(e + 1), logical, P, no_bridge, False, min(p_max, c0 + chunk))
+            if not plan.steered:
                 last_rows.append(x)
             else:
                 self.hidden[:B, c0:c0 + x.shape[1]] = x
-        if steering is None:
+        if not plan.steered:
             x = torch.cat(last_rows, dim=1) if len(last_rows) > 1 else last_rows[0]
             return self._logits(x[batch, P - 1]), None
-        K = steering.n_tokens
+        Kmax, k_row = plan.kmax, plan.row_k(dev)
         h_ref = self.hidden[batch, P - 1]
-        bridge, score = steering.bridge_and_score(h_ref)  # [B, K, d], module dtype
-        fire = steering.fires(score, torch.zeros_like(score))
-        bridge_len = torch.where(fire, bridge_len, torch.zeros_like(bridge_len))
-        total = p_max + K
+        bridge = torch.zeros(B, Kmax, plan.hidden_size, dtype=plan.dtype, device=dev)
+        fire = torch.zeros(B, dtype=torch.bool, device=dev)
+        for g in plan.groups:
+            r = plan.rows(g, dev)
+            br, score = g.steering.bridge_and_score(h_ref[r])  # [n, K, d], module dtype
+            bridge[r, :g.k] = br
+            fire[r] = g.steering.fires(score, torch.zeros_like(score))
+        bridge_len = torch.where(fire, k_row, no_bridge)
+        total = p_max + Kmax
         last_idx = P - 1 + bridge_len
-        last = torch.zeros((B, self.w.hidden_size), device=ids.device, dtype=self.dtype)
+        last = torch.zeros((B, self.w.hidden_size), device=dev, dtype=self.dtype)
         for c0 in range(0, total, chunk):
-            rows = torch.arange(c0, min(total, c0 + chunk), device=ids.device)
-            x = self._upper_rows(rows, bridge, P, K)
+            rows = torch.arange(c0, min(total, c0 + chunk), device=dev)
+            x = self._upper_rows(rows, bridge, P, k_row)
             x = self._layers(x, range(e + 1, L), self._rows(c0, rows.numel(), B), P, bridge_len, True, p_max)
             hit = (last_idx >= c0) & (last_idx < c0 + rows.numel())
             idx = (last_idx - c0).clamp(0, rows.numel() - 1)
@@ -319,76 +331,95 @@ class Engine:
 
     def _upper_rows(self, rows, bridge, P, K):
         """Upper-stack input for logical rows [R]: prompt states from the hidden cache, then the
-        bridge, zero padding past each sequence's end -> [B, R, d]."""
+        bridge (K [B] tokens per row), zero padding past each sequence's end -> [B, R, d]."""
         B = P.shape[0]
-        r, Pc = rows[None], P[:, None]
+        r, Pc, Kc = rows[None], P[:, None], K[:, None]
         prompt = self.hidden[torch.arange(B, device=P.device)[:, None], r.clamp(max=self.max_seq_len).expand(B, -1)]
-        br = bridge.to(self.dtype).gather(1, (r - Pc).clamp(0, K - 1)[..., None].expand(B, -1, bridge.shape[-1]))
+        j = torch.minimum((r - Pc).clamp(min=0), (Kc - 1).clamp(min=0))
+        br = bridge.to(self.dtype).gather(1, j[..., None].expand(B, -1, bridge.shape[-1]))
         zero = torch.zeros((), dtype=self.dtype, device=P.device)
-        return torch.where((r < Pc)[..., None], prompt, torch.where((r < Pc + K)[..., None], br, zero))
+        return torch.where((r < Pc)[..., None], prompt, torch.where((r < Pc + Kc)[..., None], br, zero))
 
-    def decode_step(self, tok, t, P, bridge_len, seeds, sampling: SamplingParams, steering, n_slots: int):
+    def decode_step(self, tok, t, P, bridge_len, seeds, sampling: SamplingParams, plan: SteeringPlan, n_slots: int):
         """One token for every row: tok [B] is response token t-1 (slot P + t - 1); returns
         (token t [B], its logits [B, V]).
         Static shapes and no host sync (t may be a 0-d device tensor), so it can be graph-captured."""
-        L, e = len(self.w.layers), self._extract_layer(steering)
+        L, e = len(self.w.layers), self._extract_layer(plan)
         slot = P + t - 1
         x = self.w.embed[tok][:, None]
         x = self._layers(x, range(e + 1), slot[:, None], P, bridge_len, False, n_slots)
-        if steering is not None:
+        if plan.steered:
             self.hidden[torch.arange(tok.shape[0], device=tok.device), slot] = x[:, 0]
             x = self._layers(x, range(e + 1, L), (slot + bridge_len)[:, None], P, bridge_len, True, n_slots)
         logits = self._logits(x[:, -1])
         return sample_next(logits, sampling, seeds, t), logits
 
-    def refresh_step(self, tok, t, P, state, seeds, sampling: SamplingParams, steering, n_slots: int,
-                     exact_rows: int | None = None):
-        """A decode step at which the value module is due. The lower stack runs for the new
-        token; rows that fire (all under policy="always"; see SVGT.policy) blend a new bridge in
-        by EMA (or take it as is when their bridge was gated off), then by refresh mode (DESIGN §2):
+    def refresh_step(self, tok, t, P, state, seeds, sampling: SamplingParams, plan: SteeringPlan, n_slots: int,
+                     due: tuple[int, ...], exact_rows: int | None = None):
+        """A decode step at which the value modules of the groups `due` (plan.due(t)) are due.
+        The lower stack runs for the new token; in a due group, the rows that fire (all under
+        policy="always"; see SVGT.policy) blend a new bridge in by EMA (or take it as is when
+        their bridge was gated off), then by their group's refresh mode (DESIGN §2):
           exact     — the upper stack again over [bridge ; every response token so far];
           window=W  — over [bridge ; the last W response tokens before this one ; this one];
           bridge    — over [bridge ; this token] (window=0): older response K/V stay stale;
           project   — bridge K/V = each upper layer's k/v projection of the raw bridge vector
                       (RoPE on keys, no norm, no propagation), then a plain decode of this token.
-        Rows that do not fire run a plain decode: every row of their chunk is this token's
-        (identical rows write identical K/V). The prompt's upper K/V never change.
-        state = (bridge [B, K, d], bridge_len [B], h_ref [B, d], triggers [B]); returns
-        (token [B], logits [B, V], new state). Shapes are static (t may be a 0-d device tensor),
-        so the step can be graph-captured like `decode_step`: a window not yet full repeats
-        response token 0; exact is the window of `exact_rows` >= t rows (a graph bucket;
+        Every row's chunk is right-aligned in one [B, M] block; the rest of a row's block, and
+        the whole block of a row that does not fire, repeats this token's row (identical rows
+        write identical K/V), so each row computes what it would alone. The prompt's upper K/V
+        never change. state = (bridge [B, Kmax, d], bridge_len [B], h_ref [B, d], triggers [B]);
+        returns (token [B], logits [B, V], new state). Shapes are static (t may be a 0-d device
+        tensor), so the step can be graph-captured like `decode_step`: a window not yet full
+        repeats response token 0; exact is the window of `exact_rows` >= t rows (a graph bucket;
         default t, which makes the shape depend on t)."""
         bridge, bridge_len, h_ref, triggers = state
-        L, e = len(self.w.layers), self._extract_layer(steering)
+        L, e = len(self.w.layers), self._extract_layer(plan)
         B, dev = tok.shape[0], tok.device
         batch = torch.arange(B, device=dev)
         slot = P + t - 1
         x = self._layers(self.w.embed[tok][:, None], range(e + 1), slot[:, None], P, bridge_len, False, n_slots)
         self.hidden[batch, slot] = x[:, 0]
-        h_t = x[:, 0] if steering.trigger == "current" else self.hidden[batch, P - 1]
-        fresh, score = steering.bridge_and_score(h_t)
-        fire = steering.fires(score, trigger_drift(h_t, h_ref))
-        K = steering.n_tokens
-        gate = (bridge_len > 0)[:, None, None]
-        f3 = fire[:, None, None]
-        bridge = torch.where(f3, torch.where(gate, ema(bridge, fresh, steering.beta), fresh), bridge)
-        bridge_len = torch.where(fire, torch.full_like(bridge_len, K), bridge_len)
-        h_ref = torch.where(fire[:, None], h_t, h_ref)
+        bridge, h_ref = bridge.clone(), h_ref.clone()
+        fire = torch.zeros(B, dtype=torch.bool, device=dev)
+        groups = [(plan.groups[i], plan.rows(plan.groups[i], dev)) for i in due]
+        for g, r in groups:
+            st = g.steering
+            h_t = x[r, 0] if st.trigger == "current" else self.hidden[r, P[r] - 1]
+            fresh, score = st.bridge_and_score(h_t)
+            f = st.fires(score, trigger_drift(h_t, h_ref[r]))
+            old = bridge[r, :g.k]
+            gate = (bridge_len[r] > 0)[:, None, None]
+            bridge[r, :g.k] = torch.where(f[:, None, None], torch.where(gate, ema(old, fresh, st.beta), fresh), old)
+            h_ref[r] = torch.where(f[:, None], h_t, h_ref[r])
+            fire[r] = f
+        bridge_len = torch.where(fire, plan.row_k(dev), bridge_len)
         triggers = triggers + fire.long()
         here = (slot + bridge_len)[:, None]  # this token's logical index
-        mode, window = steering.refresh_spec
-        if mode == "project":
-            self._project_bridge(bridge.to(self.dtype), P, range(e + 1, L), rows=fire)
-            logical = here
-        else:
+        # each due group's chunk width (bridge + response rows); project needs none
+        spans = []
+        for g, r in groups:
+            mode, window = g.steering.refresh_spec
+            if mode == "project":
+                member = torch.zeros(B, dtype=torch.bool, device=dev)
+                member[r] = True
+                self._project_bridge(bridge[:, :g.k].to(self.dtype), P, range(e + 1, L), rows=fire & member)
+                continue
             n = (exact_rows if exact_rows is not None else int(t)) if mode == "exact" else window + 1
+            spans.append((g, r, n))
+        M = max([g.k + n for g, _, n in spans], default=1)
+        xs = x.expand(B, M, x.shape[-1]).clone()
+        logical = here.expand(B, M).clone()
+        for g, r, n in spans:
+            K, Pr = g.k, P[r][:, None]
             j = (t - n + torch.arange(n, device=dev)).clamp(min=0)
-            resp = self.hidden[batch[:, None], P[:, None] + j[None]]
-            chunk = torch.cat([bridge.to(self.dtype), resp], dim=1)
-            rows = torch.cat([P[:, None] + torch.arange(K, device=dev)[None], (P + K)[:, None] + j[None]], dim=1)
-            x = torch.where(f3, chunk, x.expand_as(chunk))
-            logical = torch.where(fire[:, None], rows, here.expand_as(rows))
-        x = self._layers(x, range(e + 1, L), logical, P, bridge_len, True, n_slots)
+            resp = self.hidden[r[:, None], Pr + j[None]]
+            chunk = torch.cat([bridge[r, :K].to(self.dtype), resp], dim=1)
+            rows = torch.cat([Pr + torch.arange(K, device=dev)[None], (Pr + K) + j[None]], dim=1)
+            f = fire[r]
+            xs[r, M - K - n:] = torch.where(f[:, None, None], chunk, x[r].expand_as(chunk))
+            logical[r, M - K - n:] = torch.where(f[:, None], rows, here[r].expand_as(rows))
+        x = self._layers(xs, range(e + 1, L), logical, P, bridge_len, True, n_slots)
         logits = self._logits(x[:, -1])
         return sample_next(logits, sampling, seeds, t), logits, (bridge, bridge_len, h_ref, triggers)
 
@@ -445,21 +476,21 @@ class Engine:
             self.use_kv_patch = backend == "cuda" if self.device.type == "cuda" else backend in ("cpp", "cuda")
         return self.use_kv_patch
 
-    def _decode_runner(self, B, steering, sampling):
+    def _decode_runner(self, B, plan, sampling):
         if self.cuda_graphs and self.device.type == "cuda":
             from .cuda_graphs import GraphedDecode
 
-            return GraphedDecode.get(self, B, steering, sampling)
+            return GraphedDecode.get(self, B, plan, sampling)
         return lambda tok, t, P, bridge_len, seeds, p_max: self.decode_step(
-            tok, t, P, bridge_len, seeds, sampling, steering, p_max + t)
+            tok, t, P, bridge_len, seeds, sampling, plan, p_max + t)
 
-    def _refresh_runner(self, B, steering, sampling):
+    def _refresh_runner(self, B, plan, sampling):
         if self.cuda_graphs and self.device.type == "cuda":
             from .cuda_graphs import GraphedRefresh
 
-            return GraphedRefresh.runner(self, B, steering, sampling)
-        return lambda tok, t, P, state, seeds, p_max: self.refresh_step(
-            tok, t, P, state, seeds, sampling, steering, p_max + t)
+            return GraphedRefresh.runner(self, B, plan, sampling)
+        return lambda tok, t, P, state, seeds, p_max, due: self.refresh_step(
+            tok, t, P, state, seeds, sampling, plan, p_max + t, due)
 
     @staticmethod
     def _counts(out, eos, pad_id):

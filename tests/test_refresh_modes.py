@@ -73,10 +73,10 @@ def test_exact_refresh_row_buckets_change_nothing(tiny_models):
     eng = Engine(model, max_batch=2, max_seq_len=32)
     padded = []
 
-    def runner(B, steering, sampling):
-        def run(tok, t, P, state, seeds, p_max):
+    def runner(B, plan, sampling):
+        def run(tok, t, P, state, seeds, p_max, due):
             padded.append(-(-t // 4) * 4 + 4 - t)
-            return eng.refresh_step(tok, t, P, state, seeds, sampling, steering, p_max + t,
+            return eng.refresh_step(tok, t, P, state, seeds, sampling, plan, p_max + t, due,
                                     exact_rows=-(-t // 4) * 4 + 4)
         return run
 

@@ -1,0 +1,90 @@
+"""Per-request steering: which steering each row of a batch runs (DESIGN §2, per-request configs).
+
+A batch may mix rows without steering and rows with different SVGT options or modules of the
+same backbone (K, strength, refresh interval, refresh mode, policy). Rows that share one SVGT
+object form a group; the value head runs once per group on its rows, and every per-row
+difference (K, bridge gate, refresh schedule) lives in device tensors, so each row computes what
+it would compute alone. Constraint: all modules of a batch read the same extract layer (the
+lower/upper split is one per forward) and hold the same dtype (one bridge state tensor).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .steering import SVGT
+
+
+@dataclass(frozen=True)
+class Group:
+    steering: SVGT
+    rows: tuple[int, ...]
+
+    @property
+    def k(self) -> int:
+        return self.steering.n_tokens
+
+
+class SteeringPlan:
+    """per_row: one SVGT or None per batch row."""
+
+    def __init__(self, per_row: list[SVGT | None]):
+        self.per_row = tuple(per_row)
+        self.B = len(per_row)
+        groups: dict[SVGT, list[int]] = {}
+        for i, st in enumerate(per_row):
+            if st is not None:
+                if not isinstance(st, SVGT):
+                    raise TypeError(f"row {i}: steering must be None or svgt_fast.SVGT(...), got {type(st).__name__}")
+                groups.setdefault(st, []).append(i)
+        self.groups = tuple(Group(st, tuple(rows)) for st, rows in groups.items())
+        self.steered = bool(self.groups)
+        if self.steered:
+            layers = {g.steering.module.config.extract_layer for g in self.groups}
+            if len(layers) > 1:
+                raise ValueError(f"one batch mixes value modules of extract layers {sorted(layers)}; "
+                                 "rows of a batch must share the extract layer (run them in separate calls)")
+            dtypes = {g.steering.module.dtype for g in self.groups}
+            if len(dtypes) > 1:
+                raise ValueError(f"one batch mixes value modules of dtypes {sorted(map(str, dtypes))}; "
+                                 "cast them to one dtype")
+            self.extract_layer = layers.pop()
+            self.dtype = dtypes.pop()
+            self.hidden_size = self.groups[0].steering.module.config.hidden_size
+        self.kmax = max((g.k for g in self.groups), default=0)
+
+    @classmethod
+    def build(cls, steering, batch: int) -> "SteeringPlan":
+        """steering: None, one SVGT for every row, or a list with one SVGT-or-None per row."""
+        if steering is None or isinstance(steering, SVGT):
+            return cls([steering] * batch)
+        if isinstance(steering, (list, tuple)):
+            if len(steering) != batch:
+                raise ValueError(f"steering list has {len(steering)} entries for a batch of {batch} prompts")
+            return cls(list(steering))
+        raise TypeError(f"steering must be None, svgt_fast.SVGT(...) or a list of them, got {type(steering).__name__}")
+
+    def padded(self, batch: int) -> "SteeringPlan":
+        """The same plan with unsteered dummy rows up to `batch` (CUDA-graph buckets)."""
+        return self if batch == self.B else SteeringPlan(list(self.per_row) + [None] * (batch - self.B))
+
+    def due(self, t: int) -> tuple[int, ...]:
+        """Indices of the groups whose value module is due at decode step t."""
+        return tuple(i for i, g in enumerate(self.groups) if t % g.steering.refresh_interval == 0)
+
+    def row_k(self, device) -> torch.Tensor:
+        k = [0] * self.B
+        for g in self.groups:
+            for r in g.rows:
+                k[r] = g.k
+        return torch.tensor(k, dtype=torch.long, device=device)
+
+    def rows(self, g: Group, device) -> torch.Tensor:
+        return torch.tensor(g.rows, dtype=torch.long, device=device)
+
+    def __hash__(self):
+        return hash(self.per_row)
+
+    def __eq__(self, other):
+        return isinstance(other, SteeringPlan) and self.per_row == other.per_row
