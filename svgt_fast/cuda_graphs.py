@@ -27,6 +27,46 @@ def graph_pool(engine):
     return engine.graph_pool
 
 
+def capture(engine, step):
+    """(graph, outputs): warm up on a side stream (compiles the Triton kernels), then capture.
+    On CPU (engine.graph_emulation, for tests) an `_EmulatedGraph` stands in, so the bucket,
+    dummy-row and static-buffer logic around the graphs runs where there is no GPU."""
+    if engine.device.type != "cuda":
+        graph = _EmulatedGraph(step)
+        return graph, graph.out
+    dev = engine.device
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=graph_pool(engine)):
+        out = step()
+    return graph, out
+
+
+class _EmulatedGraph:
+    """CPU stand-in for a CUDA graph: replay() re-runs the step on the static inputs and writes
+    the results into the capture's output tensors, as a real replay overwrites them."""
+
+    def __init__(self, step):
+        self.step = step
+        self.out = step()
+
+    def replay(self):
+        _copy_into(self.out, self.step())
+
+
+def _copy_into(dst, src):
+    if isinstance(dst, torch.Tensor):
+        dst.copy_(src)
+    else:
+        for d, s_ in zip(dst, src):
+            _copy_into(d, s_)
+
+
 class GraphedDecode:
     """Callable like the eager step: (tok [B], t, P [B], bridge_len [B], seeds [B], p_max) -> (tok, logits)."""
 
@@ -39,20 +79,14 @@ class GraphedDecode:
         self.seeds = torch.zeros(bucket, dtype=torch.long, device=dev)
         self.t = torch.ones((), dtype=torch.long, device=dev)
 
+        plan.materialize(dev)
+
         def step():
             return engine.decode_step(self.tok, self.t, self.P, self.bridge_len, self.seeds, sampling,
                                       plan, engine.max_seq_len)
 
         # Warm up on a side stream (compiles the Triton kernels), then capture.
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream(dev).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=graph_pool(engine)):
-            self.out = step()
+        self.graph, self.out = capture(engine, step)
 
     @classmethod
     def get(cls, engine, batch: int, plan, sampling) -> "GraphedDecode":
@@ -108,19 +142,13 @@ class GraphedRefresh:
                       torch.zeros(bucket, engine.w.hidden_size, dtype=engine.dtype, device=dev),  # h_ref
                       torch.zeros(bucket, dtype=torch.long, device=dev))                          # triggers
 
+        plan.materialize(dev)  # index tensors made before the capture
+
         def step():
             return engine.refresh_step(self.tok, self.t, self.P, self.state, self.seeds, sampling,
                                        plan, engine.max_seq_len, due, exact_rows)
 
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream(dev).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=graph_pool(engine)):
-            self.out = step()
+        self.graph, self.out = capture(engine, step)
 
     @classmethod
     def runner(cls, engine, batch: int, plan, sampling):
@@ -129,17 +157,30 @@ class GraphedRefresh:
         bucket = bucket_for(batch, engine.max_batch)
         padded = plan.padded(bucket)
 
-        def run(tok, t, P, state, seeds, p_max, due):
+        def graph_for(t, due):
             exact = any(plan.groups[i].steering.refresh_spec[0] == "exact" for i in due)
             rows = min(-(-int(t) // EXACT_ROWS_BUCKET) * EXACT_ROWS_BUCKET, engine.max_seq_len) if exact else None
             key = ("refresh", bucket, padded, sampling, due, rows)
             graph = engine.graphs.get(key)
             if graph is None:
                 graph = engine.graphs[key] = cls(engine, bucket, padded, sampling, due, rows)
+            return graph
+
+        def run(tok, t, P, state, seeds, p_max, due):
             run.replays += 1
-            return graph(tok, t, P, state, seeds)
+            return graph_for(t, due)(tok, t, P, state, seeds)
+
+        def prepare(max_new_tokens: int):
+            """Capture every graph this call will replay now, before the prefill: a capture runs
+            the step on dummy inputs, which writes into the batch's cache rows (slot 1, bridge
+            slots), and the prefill then overwrites all of it — as for the decode graph."""
+            for t in range(1, max_new_tokens):
+                due = plan.due(t)
+                if due:
+                    graph_for(t, due)
 
         run.replays = 0
+        run.prepare = prepare
         return run
 
     def __call__(self, tok, t, P, state, seeds):

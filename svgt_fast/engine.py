@@ -77,6 +77,7 @@ class Engine:
                 f"lower max_batch or max_seq_len") from None
         self.hidden = None  # allocated on first steered call
         self.use_kv_patch: bool | None = None  # decided on first use (builds the extension)
+        self.graph_emulation = False  # tests: run the CUDA-graph runners on CPU (cuda_graphs.capture)
 
     # ------------------------------------------------------------------------------------------
     def _attend(self, layer: int, q, q_pos, prompt_len, bridge_len, use_bridge: bool, n_slots: int):
@@ -188,6 +189,7 @@ class Engine:
         plan = SteeringPlan.build(steering, len(prompts))
         self.check_request(prompts, max_new_tokens, plan)
         B, dev = len(prompts), self.device
+        plan.materialize(dev)
         if max_new_tokens == 0:
             return torch.empty((B, 0), dtype=torch.long, device=dev), torch.zeros(B, dtype=torch.long), {}
         P = torch.tensor([p.shape[0] for p in prompts], device=dev)
@@ -207,6 +209,8 @@ class Engine:
         # writes into the caches; the prefill then overwrites what matters.
         step = self._decode_runner(B, plan, sampling)
         refresh = self._refresh_runner(B, plan, sampling) if steer else None
+        if hasattr(refresh, "prepare"):
+            refresh.prepare(max_new_tokens)  # every refresh graph of this call, before the prefill
         replays0 = getattr(step, "replays", 0) + getattr(refresh, "replays", 0)
         t0 = time.perf_counter()
         logits, state = self._prefill(ids, P, plan)
@@ -401,9 +405,7 @@ class Engine:
         for g, r in groups:
             mode, window = g.steering.refresh_spec
             if mode == "project":
-                member = torch.zeros(B, dtype=torch.bool, device=dev)
-                member[r] = True
-                self._project_bridge(bridge[:, :g.k].to(self.dtype), P, range(e + 1, L), rows=fire & member)
+                self._project_bridge(bridge[:, :g.k].to(self.dtype), P, range(e + 1, L), rows=fire & plan.member(g, dev))
                 continue
             n = (exact_rows if exact_rows is not None else int(t)) if mode == "exact" else window + 1
             spans.append((g, r, n))
@@ -477,7 +479,7 @@ class Engine:
         return self.use_kv_patch
 
     def _decode_runner(self, B, plan, sampling):
-        if self.cuda_graphs and self.device.type == "cuda":
+        if self.cuda_graphs and (self.device.type == "cuda" or self.graph_emulation):
             from .cuda_graphs import GraphedDecode
 
             return GraphedDecode.get(self, B, plan, sampling)
@@ -485,7 +487,7 @@ class Engine:
             tok, t, P, bridge_len, seeds, sampling, plan, p_max + t)
 
     def _refresh_runner(self, B, plan, sampling):
-        if self.cuda_graphs and self.device.type == "cuda":
+        if self.cuda_graphs and (self.device.type == "cuda" or self.graph_emulation):
             from .cuda_graphs import GraphedRefresh
 
             return GraphedRefresh.runner(self, B, plan, sampling)

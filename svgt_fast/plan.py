@@ -73,15 +73,41 @@ class SteeringPlan:
         """Indices of the groups whose value module is due at decode step t."""
         return tuple(i for i, g in enumerate(self.groups) if t % g.steering.refresh_interval == 0)
 
+    # Device copies of the plan's index tensors, made once per device: a host-to-device copy
+    # is not allowed while a CUDA graph is being captured, so the steps only read these.
+    def _on(self, device) -> dict:
+        device = torch.device(device)
+        cache = self.__dict__.setdefault("_device_cache", {})
+        if device not in cache:
+            k = [0] * self.B
+            for g in self.groups:
+                for r in g.rows:
+                    k[r] = g.k
+            rows = [torch.tensor(g.rows, dtype=torch.long, device=device) for g in self.groups]
+            members = []
+            for g in self.groups:
+                m = torch.zeros(self.B, dtype=torch.bool)
+                m[list(g.rows)] = True
+                members.append(m.to(device))
+            cache[device] = {"row_k": torch.tensor(k, dtype=torch.long, device=device), "rows": rows,
+                             "members": members}
+        return cache[device]
+
+    def materialize(self, device) -> "SteeringPlan":
+        self._on(device)
+        return self
+
     def row_k(self, device) -> torch.Tensor:
-        k = [0] * self.B
-        for g in self.groups:
-            for r in g.rows:
-                k[r] = g.k
-        return torch.tensor(k, dtype=torch.long, device=device)
+        """K of each row's steering (0 without) [B]."""
+        return self._on(device)["row_k"]
 
     def rows(self, g: Group, device) -> torch.Tensor:
-        return torch.tensor(g.rows, dtype=torch.long, device=device)
+        """The batch rows of group g [n]."""
+        return self._on(device)["rows"][self.groups.index(g)]
+
+    def member(self, g: Group, device) -> torch.Tensor:
+        """[B] bool: rows of group g."""
+        return self._on(device)["members"][self.groups.index(g)]
 
     def __hash__(self):
         return hash(self.per_row)
