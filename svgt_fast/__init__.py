@@ -2,8 +2,10 @@
 from .api import GenerationOutput, generate
 from .convert import convert_reference_checkpoint
 from .engine import Engine
+from .re_control import REControl, REControlConfig, REControlValue, fit_re_control
 from .steering import SVGT
 from .value_module import SVGTConfig, SVGTModule
 
-__all__ = ["Engine", "GenerationOutput", "generate", "SVGT", "SVGTConfig", "SVGTModule", "convert_reference_checkpoint"]
+__all__ = ["Engine", "GenerationOutput", "generate", "SVGT", "SVGTConfig", "SVGTModule", "convert_reference_checkpoint",
+           "REControl", "REControlConfig", "REControlValue", "fit_re_control"]
 __version__ = "0.1.0"

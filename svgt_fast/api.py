@@ -10,6 +10,7 @@ import torch
 from .backbone import backbone_info, check_total_length, model_device_dtype
 from .sampling import SamplingParams
 from .plan import SteeringPlan
+from .re_control import REControl
 from .steering import SVGT
 
 ENGINES = ("reference", "fast")
@@ -155,8 +156,9 @@ def generate(
         raise ValueError("the Engine given was built for another model")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if not (steering is None or isinstance(steering, (SVGT, list, tuple))):
-        raise TypeError(f"steering must be None, svgt_fast.SVGT(...) or a list of them, got {type(steering).__name__}")
+    if not (steering is None or isinstance(steering, (SVGT, REControl, list, tuple))):
+        raise TypeError(f"steering must be None, svgt_fast.SVGT(...), svgt_fast.REControl(...) or a list of them, "
+                        f"got {type(steering).__name__}")
     sampling = SamplingParams(float(temperature), float(top_p), int(top_k))
     if seed is None:
         if not sampling.greedy:
@@ -168,11 +170,13 @@ def generate(
     plan = SteeringPlan.build(steering, ids.shape[0])  # one SVGT-or-None per row
     for g in plan.groups:
         g.steering.module.check_backbone(model)
+    for g in plan.edits:
+        g.steering.value_fn.check_backbone(model)
     if int(ids.max()) >= info.vocab_size or int(ids.min()) < 0:
         raise ValueError(f"input_ids hold ids outside the vocabulary [0, {info.vocab_size})")
     prompts = _unpad(ids, mask)
     for i, (p, st) in enumerate(zip(prompts, plan.per_row)):
-        extra = st.n_tokens if st is not None else 0
+        extra = st.n_tokens if isinstance(st, SVGT) else 0
         check_total_length(info, p.shape[0] + extra + max_new_tokens, f"row {i} (prompt {p.shape[0]} tokens)")
     eos = _eos_set(model, eos_token_id)
     pad = _pad_id(model, pad_token_id, eos)
@@ -180,9 +184,12 @@ def generate(
     t0 = time.perf_counter()
     for g in plan.groups:
         g.steering.module.to(device)
+    for g in plan.edits:
+        g.steering.value_fn.to(device)
     timings = {}
     if engine == "reference":
         from .reference import generate_row
+        from .re_control import generate_row_recontrol
         from .reference_modes import generate_row_cached
 
         # The oracle re-computes everything (refresh "exact"); the approximate refresh modes
@@ -191,8 +198,12 @@ def generate(
         # fast engine's mixed batches are tested against).
         outs, triggers = [], []
         for i, (p, steering) in enumerate(zip(prompts, plan.per_row)):
-            cached = steering is not None and (steering.refresh != "exact" or steering.policy != "always")
-            if cached:
+            cached = isinstance(steering, SVGT) and (steering.refresh != "exact" or steering.policy != "always")
+            if isinstance(steering, REControl):
+                outs.append(generate_row_recontrol(model, p, steering=steering, max_new_tokens=max_new_tokens,
+                                                   sampling=sampling, row_seed=seed + i, eos_ids=eos))
+                triggers.append(0)
+            elif cached:
                 stats = {}
                 outs.append(generate_row_cached(model, p, steering=steering, max_new_tokens=max_new_tokens,
                                                 sampling=sampling, row_seed=seed + i, eos_ids=eos, stats=stats))

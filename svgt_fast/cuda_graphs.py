@@ -90,11 +90,10 @@ class GraphedDecode:
 
     @classmethod
     def get(cls, engine, batch: int, plan, sampling) -> "GraphedDecode":
-        """The decode step reads only the plan's split (the extract layer), so one graph serves
-        every mix of steering with that split."""
+        """The decode step reads only the plan's split (the extract layer) and its logits-side
+        edits, so one graph serves every mix of SVGT options with that split."""
         bucket = bucket_for(batch, engine.max_batch)
-        layout = (plan.extract_layer,) if plan.steered else None
-        key = (bucket, layout, sampling)
+        key = (bucket, plan.padded(bucket).decode_key, sampling)
         graph = engine.graphs.get(key)
         if graph is None:
             graph = engine.graphs[key] = cls(engine, bucket, plan.padded(bucket), sampling)

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from .backbone import backbone_info, model_device_dtype
-from .fast_model import (ModelWeights, apply_rope, attention_output_and_mlp, logits_from_hidden,
+from .fast_model import (ModelWeights, apply_rope, attention_output_and_mlp,
                          qkv_projection)
-from .kernels.reference import logical_to_storage, prefix_attention_ref
+from .kernels.reference import logical_to_storage, prefix_attention_ref, rms_norm_ref
 from .sampling import SamplingParams, sample_next
 from .plan import SteeringPlan
 from .steering import SVGT, ema, trigger_drift
@@ -153,12 +153,19 @@ class Engine:
             x = self._layer(i, x, logical, prompt_len, bridge_len, use_bridge, n_slots)
         return x
 
-    def _logits(self, x):
+    def _logits(self, x, plan: SteeringPlan | None = None):
+        """Final norm, the plan's logits-side edits (RE-Control) on their rows, LM head."""
         if self.attention == "triton":
             from .kernels.rms_norm import rms_norm
 
-            return F.linear(rms_norm(x, self.w.final_norm, self.w.final_eps), self.w.lm_head, self.w.lm_head_bias)
-        return logits_from_hidden(self.w, x)
+            h = rms_norm(x, self.w.final_norm, self.w.final_eps)
+        else:
+            h = rms_norm_ref(x, self.w.final_norm, self.w.final_eps)
+        if plan is not None:
+            for g in plan.edits:
+                r = plan.rows(g, x.device)
+                h[r] = g.steering.apply(h[r])
+        return F.linear(h, self.w.lm_head, self.w.lm_head_bias)
 
     # ------------------------------------------------------------------------------------------
     def check_request(self, prompts: list[torch.Tensor], max_new_tokens: int, plan: SteeringPlan) -> None:
@@ -173,6 +180,8 @@ class Engine:
             if g.k > self.kmax:
                 raise ValueError(f"K={g.k} bridge tokens exceed max_bridge_tokens={self.kmax}")
             g.steering.module.check_backbone(self.model)
+        for g in plan.edits:
+            g.steering.value_fn.check_backbone(self.model)
 
     @torch.no_grad()
     def generate(self, prompts: list[torch.Tensor], *, steering, max_new_tokens: int,
@@ -306,7 +315,7 @@ class Engine:
                 self.hidden[:B, c0:c0 + x.shape[1]] = x
         if not plan.steered:
             x = torch.cat(last_rows, dim=1) if len(last_rows) > 1 else last_rows[0]
-            return self._logits(x[batch, P - 1]), None
+            return self._logits(x[batch, P - 1], plan), None
         Kmax, k_row = plan.kmax, plan.row_k(dev)
         h_ref = self.hidden[batch, P - 1]
         bridge = torch.zeros(B, Kmax, plan.hidden_size, dtype=plan.dtype, device=dev)
@@ -327,7 +336,7 @@ class Engine:
             hit = (last_idx >= c0) & (last_idx < c0 + rows.numel())
             idx = (last_idx - c0).clamp(0, rows.numel() - 1)
             last = torch.where(hit[:, None], x[batch, idx], last)
-        return self._logits(last), (bridge, bridge_len, h_ref.clone(), fire.long())
+        return self._logits(last, plan), (bridge, bridge_len, h_ref.clone(), fire.long())
 
     def _rows(self, start: int, n: int, B: int) -> torch.Tensor:
         """Logical indices start..start+n-1 for every sequence: [B, n]."""
@@ -355,7 +364,7 @@ class Engine:
         if plan.steered:
             self.hidden[torch.arange(tok.shape[0], device=tok.device), slot] = x[:, 0]
             x = self._layers(x, range(e + 1, L), (slot + bridge_len)[:, None], P, bridge_len, True, n_slots)
-        logits = self._logits(x[:, -1])
+        logits = self._logits(x[:, -1], plan)
         return sample_next(logits, sampling, seeds, t), logits
 
     def refresh_step(self, tok, t, P, state, seeds, sampling: SamplingParams, plan: SteeringPlan, n_slots: int,
@@ -422,7 +431,7 @@ class Engine:
             xs[r, M - K - n:] = torch.where(f[:, None, None], chunk, x[r].expand_as(chunk))
             logical[r, M - K - n:] = torch.where(f[:, None], rows, here[r].expand_as(rows))
         x = self._layers(xs, range(e + 1, L), logical, P, bridge_len, True, n_slots)
-        logits = self._logits(x[:, -1])
+        logits = self._logits(x[:, -1], plan)
         return sample_next(logits, sampling, seeds, t), logits, (bridge, bridge_len, h_ref, triggers)
 
     def _project_bridge(self, bridge, P, layer_ids, rows: torch.Tensor | None = None):

@@ -1,5 +1,8 @@
 """Per-request steering: which steering each row of a batch runs (DESIGN §2, per-request configs).
 
+Rows may also carry a logits-side edit (RE-Control): those act on the final norm's output only,
+grouped the same way (`edits`).
+
 A batch may mix rows without steering and rows with different SVGT options or modules of the
 same backbone (K, strength, refresh interval, refresh mode, policy). Rows that share one SVGT
 object form a group; the value head runs once per group on its rows, and every per-row
@@ -13,12 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .re_control import REControl
 from .steering import SVGT
 
 
 @dataclass(frozen=True)
 class Group:
-    steering: SVGT
+    steering: SVGT | REControl
     rows: tuple[int, ...]
 
     @property
@@ -29,16 +33,21 @@ class Group:
 class SteeringPlan:
     """per_row: one SVGT or None per batch row."""
 
-    def __init__(self, per_row: list[SVGT | None]):
+    def __init__(self, per_row: list):
         self.per_row = tuple(per_row)
         self.B = len(per_row)
         groups: dict[SVGT, list[int]] = {}
+        edits: dict[REControl, list[int]] = {}
         for i, st in enumerate(per_row):
-            if st is not None:
-                if not isinstance(st, SVGT):
-                    raise TypeError(f"row {i}: steering must be None or svgt_fast.SVGT(...), got {type(st).__name__}")
+            if isinstance(st, SVGT):
                 groups.setdefault(st, []).append(i)
+            elif isinstance(st, REControl):
+                edits.setdefault(st, []).append(i)
+            elif st is not None:
+                raise TypeError(f"row {i}: steering must be None, svgt_fast.SVGT(...) or svgt_fast.REControl(...), "
+                                f"got {type(st).__name__}")
         self.groups = tuple(Group(st, tuple(rows)) for st, rows in groups.items())
+        self.edits = tuple(Group(st, tuple(rows)) for st, rows in edits.items())
         self.steered = bool(self.groups)
         if self.steered:
             layers = {g.steering.module.config.extract_layer for g in self.groups}
@@ -56,8 +65,8 @@ class SteeringPlan:
 
     @classmethod
     def build(cls, steering, batch: int) -> "SteeringPlan":
-        """steering: None, one SVGT for every row, or a list with one SVGT-or-None per row."""
-        if steering is None or isinstance(steering, SVGT):
+        """steering: None, one SVGT / REControl for every row, or a list with one per row."""
+        if steering is None or isinstance(steering, (SVGT, REControl)):
             return cls([steering] * batch)
         if isinstance(steering, (list, tuple)):
             if len(steering) != batch:
@@ -83,7 +92,7 @@ class SteeringPlan:
             for g in self.groups:
                 for r in g.rows:
                     k[r] = g.k
-            rows = [torch.tensor(g.rows, dtype=torch.long, device=device) for g in self.groups]
+            rows = [torch.tensor(g.rows, dtype=torch.long, device=device) for g in self.groups + self.edits]
             members = []
             for g in self.groups:
                 m = torch.zeros(self.B, dtype=torch.bool)
@@ -102,8 +111,13 @@ class SteeringPlan:
         return self._on(device)["row_k"]
 
     def rows(self, g: Group, device) -> torch.Tensor:
-        """The batch rows of group g [n]."""
-        return self._on(device)["rows"][self.groups.index(g)]
+        """The batch rows of group (or edit group) g [n]."""
+        return self._on(device)["rows"][(self.groups + self.edits).index(g)]
+
+    @property
+    def decode_key(self):
+        """What a decode step depends on: the lower/upper split and the logits-side edits."""
+        return (self.extract_layer if self.steered else None, self.edits)
 
     def member(self, g: Group, device) -> torch.Tensor:
         """[B] bool: rows of group g."""

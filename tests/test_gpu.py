@@ -105,3 +105,19 @@ def test_graphed_mixed_batch_equals_reference_fp32():
         assert torch.equal(fast.new_tokens.cpu(), ref.new_tokens.cpu())
         assert torch.equal(fast.trigger_counts, ref.trigger_counts)
         assert fast.timings["graph_steps"] > 0
+
+
+def test_graphed_re_control_equals_reference_fp32():
+    from svgt_fast import REControl, REControlConfig, REControlValue
+
+    model = build_tiny_model("qwen2", seed=33).cuda()
+    torch.manual_seed(33)
+    vf = REControlValue(REControlConfig(model.config.hidden_size, [32], "silu")).cuda()
+    with torch.no_grad():
+        for p in vf.parameters():
+            p.mul_(3.0)
+    steerings = [REControl(vf, n_steps=5, step_size=2.0), None, SVGT(build_value_module(model, seed=33))]
+    rows = ragged_prompts(33, lengths=(6, 4, 9))
+    ref = generate(model, rows, steering=steerings, max_new_tokens=12, engine="reference")
+    fast = generate(model, rows, steering=steerings, max_new_tokens=12, engine=Engine(model, max_batch=4, max_seq_len=48))
+    assert torch.equal(fast.new_tokens.cpu(), ref.new_tokens.cpu())

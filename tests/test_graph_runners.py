@@ -63,3 +63,25 @@ def test_emulated_mixed_plan(tiny_models):
     out3 = generate(model, rows[:3], steering=steerings[:3], max_new_tokens=10, engine=eng)
     ref3 = generate(model, rows[:3], steering=steerings[:3], max_new_tokens=10, engine="reference")
     assert torch.equal(out3.new_tokens, ref3.new_tokens)
+
+
+def test_emulated_graphs_with_re_control_rows(tiny_models):
+    from svgt_fast import REControl, REControlConfig, REControlValue
+
+    model = tiny_models["qwen2"]
+    torch.manual_seed(5)
+    vf = REControlValue(REControlConfig(model.config.hidden_size, [32], "tanh"))
+    with torch.no_grad():
+        for p in vf.parameters():
+            p.mul_(3.0)
+    rc = REControl(vf, n_steps=3, step_size=2.0)
+    steerings = [rc, SVGT(build_value_module(model, seed=74), refresh_interval=2), None]
+    rows = ragged_prompts(74, lengths=(5, 8, 3))
+    ref = generate(model, rows, steering=steerings, max_new_tokens=9, engine="reference")
+    eng = _engine(model, max_batch=4, max_seq_len=32)
+    out = generate(model, rows, steering=steerings, max_new_tokens=9, engine=eng)
+    assert torch.equal(out.new_tokens, ref.new_tokens)
+    # an RE-Control-only batch uses a decode graph of its own (the edit is part of the step)
+    only = generate(model, rows, steering=rc, max_new_tokens=9, engine=eng)
+    assert torch.equal(only.new_tokens, generate(model, rows, steering=rc, max_new_tokens=9,
+                                                 engine="reference").new_tokens)
