@@ -1,5 +1,6 @@
 """svgt_fast: a fast, correct runtime for value-guided generation (SVGT and friends)."""
 from .api import GenerationOutput, generate
+from .conva import ConVA, ConVAConfig, ConVAVectors, fit_conva
 from .convert import convert_reference_checkpoint
 from .engine import Engine
 from .re_control import REControl, REControlConfig, REControlValue, fit_re_control
@@ -7,5 +8,6 @@ from .steering import SVGT
 from .value_module import SVGTConfig, SVGTModule
 
 __all__ = ["Engine", "GenerationOutput", "generate", "SVGT", "SVGTConfig", "SVGTModule", "convert_reference_checkpoint",
-           "REControl", "REControlConfig", "REControlValue", "fit_re_control"]
+           "REControl", "REControlConfig", "REControlValue", "fit_re_control",
+           "ConVA", "ConVAConfig", "ConVAVectors", "fit_conva"]
 __version__ = "0.1.0"

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .backbone import backbone_info, model_device_dtype
 from .fast_model import (ModelWeights, apply_rope, attention_output_and_mlp,
                          qkv_projection)
-from .kernels.reference import logical_to_storage, prefix_attention_ref, rms_norm_ref
+from .kernels.reference import conva_edit_ref, logical_to_storage, prefix_attention_ref, rms_norm_ref
 from .sampling import SamplingParams, sample_next
 from .plan import SteeringPlan
 from .steering import SVGT, ema, trigger_drift
@@ -143,14 +143,34 @@ class Engine:
         x, h = add_rms_norm(x, F.linear(attn.view(B, M, Hq * D), w.wo, w.bo), w.ln2, w.eps)
         return x, F.linear(silu_mul(F.linear(h, w.w_gate_up, w.b_gate_up)), w.w_down, w.b_down)
 
-    def _layers(self, x, layer_ids, logical, prompt_len, bridge_len, use_bridge, n_slots):
+    def _layers(self, x, layer_ids, logical, prompt_len, bridge_len, use_bridge, n_slots, plan=None):
+        edits = plan.layer_edits(x.device) if plan is not None else {}
         if self.attention == "triton":
             delta = None
             for i in layer_ids:
                 x, delta = self._layer_fused(i, x, delta, logical, prompt_len, bridge_len, use_bridge, n_slots)
+                if i in edits:  # ConVA: the residual add rides in the edit kernel
+                    x, delta = self._conva(x, delta, edits[i]), None
             return x if delta is None else x + delta
         for i in layer_ids:
             x = self._layer(i, x, logical, prompt_len, bridge_len, use_bridge, n_slots)
+            if i in edits:
+                x = self._conva(x, None, edits[i])
+        return x
+
+    def _conva(self, x, delta, edits):
+        """ConVA edits of one layer's output x (+ delta) [B, M, d]: per group, its rows only."""
+        B, M, _ = x.shape
+        for steering, k, member in edits:
+            on = member[:B, None].expand(B, M).reshape(-1)
+            args = steering.edit_args(k)
+            if self.attention == "triton":
+                from .kernels.conva_edit import conva_edit
+
+                x = conva_edit(x, delta, *args[:-1], on, args[-1])
+            else:
+                x = conva_edit_ref(x if delta is None else x + delta, None, *args[:-1], on, args[-1])
+            delta = None
         return x
 
     def _logits(self, x, plan: SteeringPlan | None = None):
@@ -182,6 +202,8 @@ class Engine:
             g.steering.module.check_backbone(self.model)
         for g in plan.edits:
             g.steering.value_fn.check_backbone(self.model)
+        for g in plan.layer_groups:
+            g.steering.vectors.check_backbone(self.model)
 
     @torch.no_grad()
     def generate(self, prompts: list[torch.Tensor], *, steering, max_new_tokens: int,
@@ -308,7 +330,7 @@ class Engine:
         for c0 in range(0, p_max, chunk):
             x = self.w.embed[ids[:, c0:c0 + chunk]]
             logical = self._rows(c0, x.shape[1], B)
-            x = self._layers(x, range(e + 1), logical, P, no_bridge, False, min(p_max, c0 + chunk))
+            x = self._layers(x, range(e + 1), logical, P, no_bridge, False, min(p_max, c0 + chunk), plan)
             if not plan.steered:
                 last_rows.append(x)
             else:
@@ -332,7 +354,7 @@ class Engine:
         for c0 in range(0, total, chunk):
             rows = torch.arange(c0, min(total, c0 + chunk), device=dev)
             x = self._upper_rows(rows, bridge, P, k_row)
-            x = self._layers(x, range(e + 1, L), self._rows(c0, rows.numel(), B), P, bridge_len, True, p_max)
+            x = self._layers(x, range(e + 1, L), self._rows(c0, rows.numel(), B), P, bridge_len, True, p_max, plan)
             hit = (last_idx >= c0) & (last_idx < c0 + rows.numel())
             idx = (last_idx - c0).clamp(0, rows.numel() - 1)
             last = torch.where(hit[:, None], x[batch, idx], last)
@@ -360,10 +382,10 @@ class Engine:
         L, e = len(self.w.layers), self._extract_layer(plan)
         slot = P + t - 1
         x = self.w.embed[tok][:, None]
-        x = self._layers(x, range(e + 1), slot[:, None], P, bridge_len, False, n_slots)
+        x = self._layers(x, range(e + 1), slot[:, None], P, bridge_len, False, n_slots, plan)
         if plan.steered:
             self.hidden[torch.arange(tok.shape[0], device=tok.device), slot] = x[:, 0]
-            x = self._layers(x, range(e + 1, L), (slot + bridge_len)[:, None], P, bridge_len, True, n_slots)
+            x = self._layers(x, range(e + 1, L), (slot + bridge_len)[:, None], P, bridge_len, True, n_slots, plan)
         logits = self._logits(x[:, -1], plan)
         return sample_next(logits, sampling, seeds, t), logits
 
@@ -391,7 +413,7 @@ class Engine:
         B, dev = tok.shape[0], tok.device
         batch = torch.arange(B, device=dev)
         slot = P + t - 1
-        x = self._layers(self.w.embed[tok][:, None], range(e + 1), slot[:, None], P, bridge_len, False, n_slots)
+        x = self._layers(self.w.embed[tok][:, None], range(e + 1), slot[:, None], P, bridge_len, False, n_slots, plan)
         self.hidden[batch, slot] = x[:, 0]
         bridge, h_ref = bridge.clone(), h_ref.clone()
         fire = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -430,7 +452,7 @@ class Engine:
             f = fire[r]
             xs[r, M - K - n:] = torch.where(f[:, None, None], chunk, x[r].expand_as(chunk))
             logical[r, M - K - n:] = torch.where(f[:, None], rows, here[r].expand_as(rows))
-        x = self._layers(xs, range(e + 1, L), logical, P, bridge_len, True, n_slots)
+        x = self._layers(xs, range(e + 1, L), logical, P, bridge_len, True, n_slots, plan)
         logits = self._logits(x[:, -1], plan)
         return sample_next(logits, sampling, seeds, t), logits, (bridge, bridge_len, h_ref, triggers)
 

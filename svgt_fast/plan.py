@@ -16,13 +16,14 @@ from dataclasses import dataclass
 
 import torch
 
+from .conva import ConVA
 from .re_control import REControl
 from .steering import SVGT
 
 
 @dataclass(frozen=True)
 class Group:
-    steering: SVGT | REControl
+    steering: SVGT | REControl | ConVA
     rows: tuple[int, ...]
 
     @property
@@ -38,16 +39,20 @@ class SteeringPlan:
         self.B = len(per_row)
         groups: dict[SVGT, list[int]] = {}
         edits: dict[REControl, list[int]] = {}
+        layer_groups: dict[ConVA, list[int]] = {}
         for i, st in enumerate(per_row):
             if isinstance(st, SVGT):
                 groups.setdefault(st, []).append(i)
             elif isinstance(st, REControl):
                 edits.setdefault(st, []).append(i)
+            elif isinstance(st, ConVA):
+                layer_groups.setdefault(st, []).append(i)
             elif st is not None:
-                raise TypeError(f"row {i}: steering must be None, svgt_fast.SVGT(...) or svgt_fast.REControl(...), "
-                                f"got {type(st).__name__}")
+                raise TypeError(f"row {i}: steering must be None, svgt_fast.SVGT(...), svgt_fast.REControl(...) or "
+                                f"svgt_fast.ConVA(...), got {type(st).__name__}")
         self.groups = tuple(Group(st, tuple(rows)) for st, rows in groups.items())
         self.edits = tuple(Group(st, tuple(rows)) for st, rows in edits.items())
+        self.layer_groups = tuple(Group(st, tuple(rows)) for st, rows in layer_groups.items())
         self.steered = bool(self.groups)
         if self.steered:
             layers = {g.steering.module.config.extract_layer for g in self.groups}
@@ -66,7 +71,7 @@ class SteeringPlan:
     @classmethod
     def build(cls, steering, batch: int) -> "SteeringPlan":
         """steering: None, one SVGT / REControl for every row, or a list with one per row."""
-        if steering is None or isinstance(steering, (SVGT, REControl)):
+        if steering is None or isinstance(steering, (SVGT, REControl, ConVA)):
             return cls([steering] * batch)
         if isinstance(steering, (list, tuple)):
             if len(steering) != batch:
@@ -92,14 +97,21 @@ class SteeringPlan:
             for g in self.groups:
                 for r in g.rows:
                     k[r] = g.k
-            rows = [torch.tensor(g.rows, dtype=torch.long, device=device) for g in self.groups + self.edits]
+            everyone = self.groups + self.edits + self.layer_groups
+            rows = [torch.tensor(g.rows, dtype=torch.long, device=device) for g in everyone]
             members = []
-            for g in self.groups:
+            for g in everyone:
                 m = torch.zeros(self.B, dtype=torch.bool)
                 m[list(g.rows)] = True
                 members.append(m.to(device))
+            layer_edits: dict[int, list] = {}
+            for g in self.layer_groups:
+                g.steering.vectors.to(device)
+                member = members[everyone.index(g)]
+                for j, layer in enumerate(g.steering.layers):
+                    layer_edits.setdefault(layer, []).append((g.steering, j, member))
             cache[device] = {"row_k": torch.tensor(k, dtype=torch.long, device=device), "rows": rows,
-                             "members": members}
+                             "members": members, "layer_edits": layer_edits}
         return cache[device]
 
     def materialize(self, device) -> "SteeringPlan":
@@ -112,16 +124,20 @@ class SteeringPlan:
 
     def rows(self, g: Group, device) -> torch.Tensor:
         """The batch rows of group (or edit group) g [n]."""
-        return self._on(device)["rows"][(self.groups + self.edits).index(g)]
+        return self._on(device)["rows"][(self.groups + self.edits + self.layer_groups).index(g)]
+
+    def layer_edits(self, device) -> dict:
+        """{layer: [(ConVA, k, member [B] bool), ...]} for the ConVA rows of the batch."""
+        return self._on(device)["layer_edits"]
 
     @property
     def decode_key(self):
         """What a decode step depends on: the lower/upper split and the logits-side edits."""
-        return (self.extract_layer if self.steered else None, self.edits)
+        return (self.extract_layer if self.steered else None, self.edits, self.layer_groups)
 
     def member(self, g: Group, device) -> torch.Tensor:
         """[B] bool: rows of group g."""
-        return self._on(device)["members"][self.groups.index(g)]
+        return self._on(device)["members"][(self.groups + self.edits + self.layer_groups).index(g)]
 
     def __hash__(self):
         return hash(self.per_row)

@@ -121,3 +121,20 @@ def test_graphed_re_control_equals_reference_fp32():
     ref = generate(model, rows, steering=steerings, max_new_tokens=12, engine="reference")
     fast = generate(model, rows, steering=steerings, max_new_tokens=12, engine=Engine(model, max_batch=4, max_seq_len=48))
     assert torch.equal(fast.new_tokens.cpu(), ref.new_tokens.cpu())
+
+
+def test_conva_edit_kernel_bf16_on_gpu():
+    """The fused edit in bf16 against its fp32-math reference (one rounding at the end)."""
+    from svgt_fast.kernels.conva_edit import conva_edit
+    from svgt_fast.kernels.reference import conva_edit_ref
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4096, generator=g).cuda().bfloat16()
+    delta = torch.randn(64, 4096, generator=g).cuda().bfloat16()
+    w = torch.randn(4096, generator=g).cuda() * 0.02
+    v = w / w.norm()
+    u = torch.randn(4096, generator=g).cuda() * 0.02
+    on = torch.ones(64, dtype=torch.bool, device="cuda")
+    got = conva_edit(x, delta, w, 0.1, v, u, 0.0, 0.9, 0.5, on, float(w @ v)).float()
+    want = conva_edit_ref(x, delta, w, 0.1, v, u, 0.0, 0.9, 0.5, on, float(w @ v)).float()
+    torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-2)

@@ -162,3 +162,19 @@ def trigger_ref(z, h, h_ref, w1, b1, w2, b2, t, interval, policy, score_thr, dri
     rows[: fired.numel()] = fired
     count = torch.tensor([fired.numel()], dtype=torch.int32, device=z.device)
     return fire.to(torch.int32), rows, count, score, drift
+
+
+def conva_edit_ref(x, delta, w, b, v, u, c, p0, g0, on, wv=None):
+    """The definition of kernels/conva_edit.py, in fp32 (one rounding to x's dtype at the end)."""
+    import math
+
+    d = x.shape[-1]
+    e = x if delta is None else x + delta
+    ef = e.reshape(-1, d).float()
+    z = ef @ w + b
+    gz = ef @ u + c
+    lp0, lg0 = math.log(p0 / (1 - p0)), math.log(g0 / (1 - g0))
+    act = on.bool() & (gz >= lg0) & (z < lp0)
+    wv = torch.dot(w, v) if wv is None else wv
+    eps = torch.where(act, (lp0 - z) / wv, torch.zeros_like(z))
+    return (ef + eps[:, None] * v).to(x.dtype).view(x.shape)
