@@ -10,6 +10,7 @@ import torch
 from .backbone import backbone_info, check_total_length, model_device_dtype
 from .sampling import SamplingParams
 from .conva import ConVA
+from .neva import NeVA
 from .plan import SteeringPlan
 from .re_control import REControl
 from .steering import SVGT
@@ -157,9 +158,9 @@ def generate(
         raise ValueError("the Engine given was built for another model")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if not (steering is None or isinstance(steering, (SVGT, REControl, ConVA, list, tuple))):
-        raise TypeError(f"steering must be None, svgt_fast.SVGT(...), svgt_fast.REControl(...), svgt_fast.ConVA(...) "
-                        f"or a list of them, got {type(steering).__name__}")
+    if not (steering is None or isinstance(steering, (SVGT, REControl, ConVA, NeVA, list, tuple))):
+        raise TypeError(f"steering must be None, svgt_fast.SVGT / REControl / ConVA / NeVA(...) or a list of them, "
+                        f"got {type(steering).__name__}")
     sampling = SamplingParams(float(temperature), float(top_p), int(top_k))
     if seed is None:
         if not sampling.greedy:
@@ -175,6 +176,8 @@ def generate(
         g.steering.value_fn.check_backbone(model)
     for g in plan.layer_groups:
         g.steering.vectors.check_backbone(model)
+    for g in plan.mlp_groups:
+        g.steering.neurons.check_backbone(model)
     if int(ids.max()) >= info.vocab_size or int(ids.min()) < 0:
         raise ValueError(f"input_ids hold ids outside the vocabulary [0, {info.vocab_size})")
     prompts = _unpad(ids, mask)
@@ -195,6 +198,7 @@ def generate(
     if engine == "reference":
         from .reference import generate_row
         from .conva import generate_row_conva
+        from .neva import generate_row_neva
         from .re_control import generate_row_recontrol
         from .reference_modes import generate_row_cached
 
@@ -205,7 +209,11 @@ def generate(
         outs, triggers = [], []
         for i, (p, steering) in enumerate(zip(prompts, plan.per_row)):
             cached = isinstance(steering, SVGT) and (steering.refresh != "exact" or steering.policy != "always")
-            if isinstance(steering, ConVA):
+            if isinstance(steering, NeVA):
+                outs.append(generate_row_neva(model, p, steering=steering, max_new_tokens=max_new_tokens,
+                                              sampling=sampling, row_seed=seed + i, eos_ids=eos))
+                triggers.append(0)
+            elif isinstance(steering, ConVA):
                 outs.append(generate_row_conva(model, p, steering=steering, max_new_tokens=max_new_tokens,
                                                sampling=sampling, row_seed=seed + i, eos_ids=eos))
                 triggers.append(0)

@@ -18,12 +18,18 @@ import torch.nn.functional as F
 from .backbone import backbone_info, model_device_dtype
 from .fast_model import (ModelWeights, apply_rope, attention_output_and_mlp,
                          qkv_projection)
-from .kernels.reference import conva_edit_ref, logical_to_storage, prefix_attention_ref, rms_norm_ref
+from .kernels.reference import conva_edit_ref, logical_to_storage, prefix_attention_ref, rms_norm_ref, silu_mul_ref
 from .sampling import SamplingParams, sample_next
 from .plan import SteeringPlan
 from .steering import SVGT, ema, trigger_drift
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
+
+
+def _neuron_edit(act, a, c, on):
+    """NeVA's act <- act * a + c (fp32, rounded once) on the rows marked on ([..., I] rows)."""
+    flat = act.reshape(-1, act.shape[-1])
+    return torch.where(on[:, None], (flat.float() * a + c).to(act.dtype), flat).view(act.shape)
 
 
 class Engine:
@@ -90,7 +96,7 @@ class Engine:
             return prefix_attention(q, kc, vc, q_pos, prompt_len, bridge_len, kb, vb, self.w.scale, n_slots)
         return prefix_attention_ref(q, kc, vc, q_pos, prompt_len, bridge_len, kb, vb, self.w.scale, n_slots)
 
-    def _layer(self, i: int, x, logical, prompt_len, bridge_len, use_bridge: bool, n_slots: int):
+    def _layer(self, i: int, x, logical, prompt_len, bridge_len, use_bridge: bool, n_slots: int, mlp_edits=None):
         """One decoder layer over a chunk x [B, M, d]; logical [B, M] is each row's logical index
         (= its RoPE position and, through logical_to_storage, where its K/V are written)."""
         w = self.w.layers[i]
@@ -111,9 +117,16 @@ class Engine:
             self.k_bridge[i][rows, :, br_slot] = k
             self.v_bridge[i][rows, :, br_slot] = v
         attn = self._attend(i, q, logical, prompt_len, kb, use_bridge, n_slots)
-        return attention_output_and_mlp(w, x, attn.reshape(B, M, -1))
+        if not mlp_edits:
+            return attention_output_and_mlp(w, x, attn.reshape(B, M, -1))
+        x = x + F.linear(attn.reshape(B, M, -1), w.wo, w.bo)
+        act = silu_mul_ref(F.linear(rms_norm_ref(x, w.ln2, w.eps), w.w_gate_up, w.b_gate_up))
+        for a, c, member in mlp_edits:
+            act = _neuron_edit(act, a, c, member[:B, None].expand(B, M).reshape(-1))
+        return x + F.linear(act, w.w_down, w.b_down)
 
-    def _layer_fused(self, i: int, x, delta, logical, prompt_len, bridge_len, use_bridge: bool, n_slots: int):
+    def _layer_fused(self, i: int, x, delta, logical, prompt_len, bridge_len, use_bridge: bool, n_slots: int,
+                     mlp_edits=None):
         """`_layer` on our Triton kernels (attention="triton"): the residual add of the previous
         layer's MLP rides in this layer's RMSNorm, so returns (x, delta) with x + delta the output.
         Per layer: norm, qkv GEMM, RoPE + cache write, attention (+ split merge), o GEMM,
@@ -141,19 +154,29 @@ class Engine:
                              n_tok_slots=self.max_seq_len)
         attn = prefix_attention(q, kc, vc, logical, prompt_len, bridge_len, kb, vb, mw.scale, n_slots)
         x, h = add_rms_norm(x, F.linear(attn.view(B, M, Hq * D), w.wo, w.bo), w.ln2, w.eps)
-        return x, F.linear(silu_mul(F.linear(h, w.w_gate_up, w.b_gate_up)), w.w_down, w.b_down)
+        gu = F.linear(h, w.w_gate_up, w.b_gate_up)
+        if not mlp_edits:
+            act = silu_mul(gu)
+        else:  # NeVA: the first group's neuron edit in the SwiGLU kernel, any further one after it
+            (a, c, member), rest = mlp_edits[0], mlp_edits[1:]
+            act = silu_mul(gu, (a, c, member[:B, None].expand(B, M).reshape(-1)))
+            for a, c, member in rest:
+                act = _neuron_edit(act, a, c, member[:B, None].expand(B, M).reshape(-1))
+        return x, F.linear(act, w.w_down, w.b_down)
 
     def _layers(self, x, layer_ids, logical, prompt_len, bridge_len, use_bridge, n_slots, plan=None):
         edits = plan.layer_edits(x.device) if plan is not None else {}
+        mlp = plan.mlp_edits(x.device) if plan is not None else {}
         if self.attention == "triton":
             delta = None
             for i in layer_ids:
-                x, delta = self._layer_fused(i, x, delta, logical, prompt_len, bridge_len, use_bridge, n_slots)
+                x, delta = self._layer_fused(i, x, delta, logical, prompt_len, bridge_len, use_bridge, n_slots,
+                                             mlp.get(i))
                 if i in edits:  # ConVA: the residual add rides in the edit kernel
                     x, delta = self._conva(x, delta, edits[i]), None
             return x if delta is None else x + delta
         for i in layer_ids:
-            x = self._layer(i, x, logical, prompt_len, bridge_len, use_bridge, n_slots)
+            x = self._layer(i, x, logical, prompt_len, bridge_len, use_bridge, n_slots, mlp.get(i))
             if i in edits:
                 x = self._conva(x, None, edits[i])
         return x
@@ -204,6 +227,8 @@ class Engine:
             g.steering.value_fn.check_backbone(self.model)
         for g in plan.layer_groups:
             g.steering.vectors.check_backbone(self.model)
+        for g in plan.mlp_groups:
+            g.steering.neurons.check_backbone(self.model)
 
     @torch.no_grad()
     def generate(self, prompts: list[torch.Tensor], *, steering, max_new_tokens: int,

@@ -17,13 +17,14 @@ from dataclasses import dataclass
 import torch
 
 from .conva import ConVA
+from .neva import NeVA
 from .re_control import REControl
 from .steering import SVGT
 
 
 @dataclass(frozen=True)
 class Group:
-    steering: SVGT | REControl | ConVA
+    steering: SVGT | REControl | ConVA | NeVA
     rows: tuple[int, ...]
 
     @property
@@ -40,6 +41,7 @@ class SteeringPlan:
         groups: dict[SVGT, list[int]] = {}
         edits: dict[REControl, list[int]] = {}
         layer_groups: dict[ConVA, list[int]] = {}
+        mlp_groups: dict[NeVA, list[int]] = {}
         for i, st in enumerate(per_row):
             if isinstance(st, SVGT):
                 groups.setdefault(st, []).append(i)
@@ -47,12 +49,15 @@ class SteeringPlan:
                 edits.setdefault(st, []).append(i)
             elif isinstance(st, ConVA):
                 layer_groups.setdefault(st, []).append(i)
+            elif isinstance(st, NeVA):
+                mlp_groups.setdefault(st, []).append(i)
             elif st is not None:
-                raise TypeError(f"row {i}: steering must be None, svgt_fast.SVGT(...), svgt_fast.REControl(...) or "
-                                f"svgt_fast.ConVA(...), got {type(st).__name__}")
+                raise TypeError(f"row {i}: steering must be None, svgt_fast.SVGT(...), svgt_fast.REControl(...), "
+                                f"svgt_fast.ConVA(...) or svgt_fast.NeVA(...), got {type(st).__name__}")
         self.groups = tuple(Group(st, tuple(rows)) for st, rows in groups.items())
         self.edits = tuple(Group(st, tuple(rows)) for st, rows in edits.items())
         self.layer_groups = tuple(Group(st, tuple(rows)) for st, rows in layer_groups.items())
+        self.mlp_groups = tuple(Group(st, tuple(rows)) for st, rows in mlp_groups.items())
         self.steered = bool(self.groups)
         if self.steered:
             layers = {g.steering.module.config.extract_layer for g in self.groups}
@@ -71,7 +76,7 @@ class SteeringPlan:
     @classmethod
     def build(cls, steering, batch: int) -> "SteeringPlan":
         """steering: None, one SVGT / REControl for every row, or a list with one per row."""
-        if steering is None or isinstance(steering, (SVGT, REControl, ConVA)):
+        if steering is None or isinstance(steering, (SVGT, REControl, ConVA, NeVA)):
             return cls([steering] * batch)
         if isinstance(steering, (list, tuple)):
             if len(steering) != batch:
@@ -97,7 +102,7 @@ class SteeringPlan:
             for g in self.groups:
                 for r in g.rows:
                     k[r] = g.k
-            everyone = self.groups + self.edits + self.layer_groups
+            everyone = self._everyone
             rows = [torch.tensor(g.rows, dtype=torch.long, device=device) for g in everyone]
             members = []
             for g in everyone:
@@ -110,8 +115,13 @@ class SteeringPlan:
                 member = members[everyone.index(g)]
                 for j, layer in enumerate(g.steering.layers):
                     layer_edits.setdefault(layer, []).append((g.steering, j, member))
+            mlp_edits: dict[int, list] = {}
+            for g in self.mlp_groups:
+                member = members[everyone.index(g)]
+                for (a, c), layer in zip(g.steering.edits(device), g.steering.layers):
+                    mlp_edits.setdefault(layer, []).append((a, c, member))
             cache[device] = {"row_k": torch.tensor(k, dtype=torch.long, device=device), "rows": rows,
-                             "members": members, "layer_edits": layer_edits}
+                             "members": members, "layer_edits": layer_edits, "mlp_edits": mlp_edits}
         return cache[device]
 
     def materialize(self, device) -> "SteeringPlan":
@@ -124,7 +134,15 @@ class SteeringPlan:
 
     def rows(self, g: Group, device) -> torch.Tensor:
         """The batch rows of group (or edit group) g [n]."""
-        return self._on(device)["rows"][(self.groups + self.edits + self.layer_groups).index(g)]
+        return self._on(device)["rows"][self._everyone.index(g)]
+
+    @property
+    def _everyone(self) -> tuple:
+        return self.groups + self.edits + self.layer_groups + self.mlp_groups
+
+    def mlp_edits(self, device) -> dict:
+        """{layer: [(a [I], c [I], member [B] bool), ...]} for the NeVA rows of the batch."""
+        return self._on(device)["mlp_edits"]
 
     def layer_edits(self, device) -> dict:
         """{layer: [(ConVA, k, member [B] bool), ...]} for the ConVA rows of the batch."""
@@ -133,11 +151,11 @@ class SteeringPlan:
     @property
     def decode_key(self):
         """What a decode step depends on: the lower/upper split and the logits-side edits."""
-        return (self.extract_layer if self.steered else None, self.edits, self.layer_groups)
+        return (self.extract_layer if self.steered else None, self.edits, self.layer_groups, self.mlp_groups)
 
     def member(self, g: Group, device) -> torch.Tensor:
         """[B] bool: rows of group g."""
-        return self._on(device)["members"][(self.groups + self.edits + self.layer_groups).index(g)]
+        return self._on(device)["members"][self._everyone.index(g)]
 
     def __hash__(self):
         return hash(self.per_row)

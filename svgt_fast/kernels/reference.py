@@ -108,10 +108,17 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     return weight * xf.to(x.dtype)
 
 
-def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
-    """SwiGLU activation of a fused [..., 2I] gate/up projection (gate first)."""
+def silu_mul_ref(gate_up: torch.Tensor, edit=None) -> torch.Tensor:
+    """SwiGLU activation of a fused [..., 2I] gate/up projection (gate first); edit = (a, c, on):
+    NeVA's act <- act * a + c (fp32, rounded once) on the rows marked on."""
     gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    act = F.silu(gate) * up
+    if edit is None:
+        return act
+    a, c, on = edit
+    flat = act.reshape(-1, act.shape[-1])
+    edited = (flat.float() * a + c).to(act.dtype)
+    return torch.where(on.bool()[:, None], edited, flat).view(act.shape)
 
 
 def apply_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,219 @@
+"""NeVA (neuron-level value editing; seed paper 003, DESIGN §3).
+
+Value-relevant neurons are picked from contrastive activation statistics of the MLP activations
+(act = silu(gate) * up, the down projection's input) on examples that express a value (1) or its
+opposite (0): per layer, the `top_k` neurons of largest standardised mean difference
+    t_j = (mu1_j - mu0_j) / sqrt((var1_j + var0_j) / 2 + 1e-6)
+At inference each edited neuron j of a row's MLP activation becomes
+    act_j <- act_j * a_j + c_j,    a_j = 1, c_j = strength * (mu1_j - mu0_j)
+(every other neuron: a = 1, c = 0), fused into the SwiGLU kernel (kernels/silu_mul.py).
+Data: the ConVA JSONL schema ({"text", "value": 1 | 0}; null rows are ignored); features are
+the activations at the text's last token (where a context-controlled pair differs). Artifact: config.json (format "svgt_fast.neva") +
+model.safetensors (idx [L', k] int64, delta [L', k] float32 for config.layers).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .backbone import backbone_info, backbone_parts
+from .value_module import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, load_artifact_config
+
+FORMAT_NAME = "svgt_fast.neva"
+
+
+@dataclass
+class NeVAConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_backbone_layers: int
+    layers: list[int]
+    top_k: int
+    scores: list[float] = field(default_factory=list)  # per layer: mean |t| of the chosen neurons
+    backbone_model_type: str | None = None
+
+    def __post_init__(self):
+        if not self.layers or self.top_k < 1 or self.top_k > self.intermediate_size:
+            raise ValueError(f"NeVAConfig: layers {self.layers} / top_k {self.top_k} invalid")
+        bad = [l for l in self.layers if not 0 <= l < self.num_backbone_layers]
+        if bad:
+            raise ValueError(f"NeVAConfig: layers {bad} outside the backbone's {self.num_backbone_layers}")
+
+
+class NeVANeurons:
+    def __init__(self, config: NeVAConfig, idx: torch.Tensor, delta: torch.Tensor):
+        n, k = len(config.layers), config.top_k
+        if tuple(idx.shape) != (n, k) or tuple(delta.shape) != (n, k):
+            raise ValueError(f"NeVA tensors idx {tuple(idx.shape)} / delta {tuple(delta.shape)}, expected {(n, k)}")
+        if int(idx.min()) < 0 or int(idx.max()) >= config.intermediate_size:
+            raise ValueError(f"NeVA neuron ids outside 0..{config.intermediate_size - 1}")
+        self.config, self.idx, self.delta = config, idx.long(), delta.float()
+
+    def dense(self, strength: float, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per steered layer, dense (a, c) [I] float32 vectors of the edit at this strength."""
+        out = []
+        for j in range(len(self.config.layers)):
+            a = torch.ones(self.config.intermediate_size)
+            c = torch.zeros(self.config.intermediate_size)
+            c[self.idx[j]] = strength * self.delta[j]
+            out.append((a.to(device), c.to(device)))
+        return out
+
+    def check_backbone(self, model) -> None:
+        info = backbone_info(model)
+        inter = int(getattr(model.config, "intermediate_size", -1))
+        c = self.config
+        problems = []
+        if c.hidden_size != info.hidden_size:
+            problems.append(f"hidden size {c.hidden_size} != backbone's {info.hidden_size}")
+        if c.intermediate_size != inter:
+            problems.append(f"MLP size {c.intermediate_size} != backbone's {inter}")
+        if c.num_backbone_layers != info.num_layers:
+            problems.append(f"built for {c.num_backbone_layers} layers, backbone has {info.num_layers}")
+        if problems:
+            raise ValueError("NeVA neurons do not fit this backbone: " + "; ".join(problems))
+
+    def save_pretrained(self, directory) -> None:
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+            json.dump({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": asdict(self.config)}, f,
+                      indent=2, sort_keys=True)
+        save_file({"idx": self.idx.contiguous().cpu(), "delta": self.delta.contiguous().cpu()},
+                  os.path.join(directory, WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
+
+    @classmethod
+    def from_pretrained(cls, directory) -> "NeVANeurons":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        config = load_artifact_config(directory, FORMAT_NAME)
+        weights = os.path.join(directory, WEIGHTS_FILE)
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"{directory}: missing {WEIGHTS_FILE} (the neurons' safetensors file)")
+        try:
+            state = load_file(weights)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ValueError(f"{weights} is not a readable safetensors file: {exc}") from None
+        if set(state) != {"idx", "delta"}:
+            raise ValueError(f"{weights}: expected tensors idx and delta, got {sorted(state)}")
+        try:
+            cfg = NeVAConfig(**config)
+        except TypeError as exc:
+            raise ValueError(f"{directory}: bad NeVA config: {exc}") from None
+        return cls(cfg, state["idx"], state["delta"])
+
+
+@dataclass(frozen=True, eq=False)
+class NeVA:
+    """NeVA steering: `generate(..., steering=NeVA(neurons, strength=1.0))`."""
+
+    neurons: NeVANeurons
+    strength: float = 1.0
+
+    def __post_init__(self):
+        if not isinstance(self.neurons, NeVANeurons):
+            raise TypeError(f"NeVA needs NeVANeurons, got {type(self.neurons).__name__}")
+        if not (self.strength == self.strength):
+            raise ValueError("strength must be a number")
+
+    @property
+    def layers(self) -> list[int]:
+        return self.neurons.config.layers
+
+    def edits(self, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        cache = self.__dict__.setdefault("_dense", {})
+        key = torch.device(device)
+        if key not in cache:
+            cache[key] = self.neurons.dense(self.strength, device)
+        return cache[key]
+
+
+@torch.no_grad()
+def generate_row_neva(model, prompt: torch.Tensor, *, steering: NeVA, max_new_tokens: int, sampling,
+                      row_seed: int, eos_ids: frozenset[int]) -> list[int]:
+    """One unpadded prompt: the unmodified HF model re-run each step, a pre-hook on each steered
+    layer's down projection editing its input (the MLP activation) at the chosen neurons."""
+    from .sampling import sample_next
+
+    _, layers, _ = backbone_parts(model)
+    handles = []
+    N = steering.neurons
+    for j, l in enumerate(steering.layers):
+        idx, c = N.idx[j].to(prompt.device), (steering.strength * N.delta[j]).to(prompt.device)
+
+        def pre(_m, args, idx=idx, c=c):
+            act = args[0].clone()
+            act[..., idx] = (act[..., idx].float() * 1.0 + c).to(act.dtype)
+            return (act, *args[1:])
+
+        handles.append(layers[l].mlp.down_proj.register_forward_pre_hook(pre))
+    try:
+        seeds = torch.tensor([row_seed], dtype=torch.int64, device=prompt.device)
+        ids, new = prompt[None], []
+        for t in range(max_new_tokens):
+            logits = model(input_ids=ids).logits[0, -1]
+            nxt = int(sample_next(logits[None], sampling, seeds, t)[0])
+            new.append(nxt)
+            if nxt in eos_ids:
+                break
+            ids = torch.cat([ids, torch.tensor([[nxt]], device=ids.device)], dim=1)
+    finally:
+        for h in handles:
+            h.remove()
+    return new
+
+
+def fit_neva(model, data, *, tokenizer=None, top_k: int = 16, layers: list[int] | None = None,
+             progress: bool = True, out_dir=None) -> NeVANeurons:
+    """Contrastive activation statistics per layer (module docstring); keeps every layer given
+    (default: all), the top_k neurons of each. Returns the neurons (saved to out_dir if given)."""
+    from tqdm.auto import tqdm
+
+    from .conva import _read
+
+    rows = _read(data, tokenizer) if isinstance(data, (str, os.PathLike)) else list(data)
+    rows = [(t, v) for t, v in rows if v is not None]
+    if len({v for _, v in rows}) < 2:
+        raise ValueError("NeVA needs examples of both value 1 and value 0")
+    info = backbone_info(model)
+    _, blocks, _ = backbone_parts(model)
+    inter = int(model.config.intermediate_size)
+    layers = list(range(info.num_layers)) if layers is None else [int(l) for l in layers]
+    if top_k < 1 or top_k > inter:
+        raise ValueError(f"top_k must lie in 1..{inter}, got {top_k}")
+    dev = next(model.parameters()).device
+    sums = {v: torch.zeros(len(layers), inter, dtype=torch.float64) for v in (0, 1)}
+    sq = {v: torch.zeros(len(layers), inter, dtype=torch.float64) for v in (0, 1)}
+    count = {0: 0, 1: 0}
+    captured = {}
+    handles = [blocks[l].mlp.down_proj.register_forward_pre_hook(
+        lambda _m, args, j=j: captured.__setitem__(j, args[0][0, -1:].double().cpu())) for j, l in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            for text, v in tqdm(rows, desc="NeVA activations", disable=not progress):
+                model(input_ids=torch.tensor([text], device=dev))
+                for j in range(len(layers)):
+                    a = captured[j]
+                    sums[v][j] += a.sum(0)
+                    sq[v][j] += (a * a).sum(0)
+                count[v] += 1
+    finally:
+        for h in handles:
+            h.remove()
+    mu = {v: sums[v] / count[v] for v in (0, 1)}
+    var = {v: (sq[v] / count[v] - mu[v] ** 2).clamp_min(0) for v in (0, 1)}
+    diff = mu[1] - mu[0]
+    t = diff / torch.sqrt((var[0] + var[1]) / 2 + 1e-6)
+    idx = t.abs().topk(top_k, dim=-1).indices
+    delta = diff.gather(1, idx).float()
+    scores = t.abs().gather(1, idx).mean(-1).tolist()
+    cfg = NeVAConfig(info.hidden_size, inter, info.num_layers, layers, top_k, scores, info.model_type)
+    out = NeVANeurons(cfg, idx, delta)
+    if out_dir is not None:
+        out.save_pretrained(out_dir)
+    return out
