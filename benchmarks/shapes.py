@@ -19,6 +19,8 @@ SHAPES = {
     # CPU harness check only.
     "tiny": dict(model_type="llama", hidden_size=64, num_hidden_layers=5, num_attention_heads=4,
                  num_key_value_heads=2, intermediate_size=128, vocab_size=257, max_position_embeddings=1024),
+    "tiny8": dict(model_type="llama", hidden_size=64, num_hidden_layers=8, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=128, vocab_size=257, max_position_embeddings=1024),
 }
 
 
