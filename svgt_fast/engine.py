@@ -246,6 +246,8 @@ class Engine:
         self.check_request(prompts, max_new_tokens, plan)
         B, dev = len(prompts), self.device
         plan.materialize(dev)
+        if any(g.steering.refresh_spec[0] == "project" for g in plan.groups):
+            self._kv_patch_ok()  # build / load the extension now, never inside a graph capture
         if max_new_tokens == 0:
             return torch.empty((B, 0), dtype=torch.long, device=dev), torch.zeros(B, dtype=torch.long), {}
         P = torch.tensor([p.shape[0] for p in prompts], device=dev)

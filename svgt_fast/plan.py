@@ -109,6 +109,10 @@ class SteeringPlan:
                 m = torch.zeros(self.B, dtype=torch.bool)
                 m[list(g.rows)] = True
                 members.append(m.to(device))
+            for g in self.edits:  # RE-Control value functions live where the batch runs
+                g.steering.value_fn.to(device)
+            for g in self.groups:
+                g.steering.module.to(device)
             layer_edits: dict[int, list] = {}
             for g in self.layer_groups:
                 g.steering.vectors.to(device)
