@@ -448,8 +448,11 @@ class Engine:
         for g, r in groups:
             st = g.steering
             h_t = x[r, 0] if st.trigger == "current" else self.hidden[r, P[r] - 1]
-            fresh, score = st.bridge_and_score(h_t)
-            f = st.fires(score, trigger_drift(h_t, h_ref[r]))
+            if st.policy == "sparse" and self.attention == "triton":
+                fresh, f = self._sparse_trigger(st, h_t, h_ref[r], t)
+            else:
+                fresh, score = st.bridge_and_score(h_t)
+                f = st.fires(score, trigger_drift(h_t, h_ref[r]))
             old = bridge[r, :g.k]
             gate = (bridge_len[r] > 0)[:, None, None]
             bridge[r, :g.k] = torch.where(f[:, None, None], torch.where(gate, ema(old, fresh, st.beta), fresh), old)
@@ -482,6 +485,23 @@ class Engine:
         x = self._layers(xs, range(e + 1, L), logical, P, bridge_len, True, n_slots, plan)
         logits = self._logits(x[:, -1], plan)
         return sample_next(logits, sampling, seeds, t), logits, (bridge, bridge_len, h_ref, triggers)
+
+    def _sparse_trigger(self, st, h_t, h_ref, t):
+        """policy="sparse" on our kernels: the value state, then the fused trigger kernel
+        (discriminator score, drift, schedule -> fire mask, one launch), then the bridge."""
+        from .kernels.trigger import SPARSE, trigger
+
+        mod, n, dev = st.module, h_t.shape[0], h_t.device
+        z = mod.value(h_t)
+        lin1, lin2 = mod.discriminator.classifier[0], mod.discriminator.classifier[3]
+        full = lambda v, dt=torch.float32: torch.full((n,), v, dtype=dt, device=dev)
+        step = t if torch.is_tensor(t) else torch.full((), t, dtype=torch.long, device=dev)
+        dthr = float("inf") if st.drift_threshold is None else st.drift_threshold
+        mask = trigger(z.float().contiguous(), h_t, h_ref, lin1.weight, lin1.bias, lin2.weight, lin2.bias, step,
+                       full(st.refresh_interval, torch.long), full(SPARSE, torch.long), full(st.score_threshold),
+                       full(dthr))[0]
+        fresh, _ = mod.bridge_from_value(h_t, z, st.gradient_step_size)
+        return fresh, mask.bool()
 
     def _project_bridge(self, bridge, P, layer_ids, rows: torch.Tensor | None = None):
         """refresh="project": write k_proj/v_proj(bridge) (keys rotated at P..P+K-1, RoPE in fp32

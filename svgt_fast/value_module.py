@@ -255,7 +255,11 @@ class SVGTModule(nn.Module):
     def bridge_and_score(self, trigger: torch.Tensor, step_size: float | torch.Tensor = 1.0):
         """(bridge [B, K, d], discriminator score s [B]) — s > 0 reads as unsafe."""
         self._check_trigger(trigger)
-        z = self.value(trigger)
+        return self.bridge_from_value(trigger, self.value(trigger), step_size)
+
+    def bridge_from_value(self, trigger: torch.Tensor, z: torch.Tensor, step_size: float | torch.Tensor = 1.0):
+        """bridge_and_score for a value state z = value(trigger) already computed (the sparse
+        trigger reads z first, then the bridge is made)."""
         s, g = self.discriminator.score_and_grad(z)
         dz = _delta_from(s, g, z, step_size)
         h_last = (trigger if trigger.dim() == 2 else trigger[:, -1]).to(self.dtype)

@@ -65,7 +65,13 @@ def test_sparse_mixed_prefill_gates(tiny_models):
     assert len(set(fast.trigger_counts.tolist())) > 1
 
 
-def test_sparse_triton_backend(tiny_models):
+def test_sparse_triton_backend(tiny_models, monkeypatch):
+    """On our kernels the firing decision comes from the fused trigger kernel."""
+    import svgt_fast.kernels.trigger as trig
+
+    calls = []
+    real = trig.trigger
+    monkeypatch.setattr(trig, "trigger", lambda *a: calls.append(1) or real(*a))
     model = tiny_models["qwen3"]
     steering = SVGT(build_value_module(model, seed=52), refresh_interval=2, policy="sparse", score_threshold=1e9,
                     drift_threshold=0.4, refresh="window=2")
@@ -75,6 +81,7 @@ def test_sparse_triton_backend(tiny_models):
     ref = generate(model, rows, steering=steering, max_new_tokens=10, engine="reference")
     assert torch.equal(fast.new_tokens, ref.new_tokens)
     assert fast.trigger_counts.tolist() == ref.trigger_counts.tolist()
+    assert len(calls) == 4  # due steps 2, 4, 6, 8
 
 
 def test_unsteered_output_has_zero_trigger_counts(tiny_models):
