@@ -22,7 +22,6 @@ Artifact: config.json (format "svgt_fast.conva") + model.safetensors.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field
 

@@ -21,7 +21,7 @@ from .fast_model import (ModelWeights, apply_rope, attention_output_and_mlp,
 from .kernels.reference import conva_edit_ref, logical_to_storage, prefix_attention_ref, rms_norm_ref, silu_mul_ref
 from .sampling import SamplingParams, sample_next
 from .plan import SteeringPlan
-from .steering import SVGT, ema, trigger_drift
+from .steering import ema, trigger_drift
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 

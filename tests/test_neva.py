@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from svgt_fast import SVGT, ConVA, Engine, NeVA, NeVANeurons, fit_neva, generate
+from svgt_fast import SVGT, Engine, NeVA, NeVANeurons, fit_neva, generate
 from svgt_fast.kernels.reference import silu_mul_ref
 from svgt_fast.tiny import build_value_module
 
