@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .backbone import backbone_info, backbone_parts
-from .value_module import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, load_artifact_config
+from .value_module import WEIGHTS_FILE, load_artifact, save_artifact
 
 FORMAT_NAME = "svgt_fast.conva"
 LAST_LAYERS_NEVER = 5
@@ -89,28 +89,13 @@ class ConVAVectors:
             raise ValueError("ConVA vectors do not fit this backbone: " + "; ".join(problems))
 
     def save_pretrained(self, directory) -> None:
-        from safetensors.torch import save_file
-
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-            json.dump({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": asdict(self.config)}, f,
-                      indent=2, sort_keys=True)
-        save_file({k: getattr(self, k).contiguous().cpu() for k in ("w", "b", "u", "c")},
-                  os.path.join(directory, WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
+        save_artifact(directory, FORMAT_NAME, asdict(self.config),
+                      {k: getattr(self, k).contiguous().cpu() for k in ("w", "b", "u", "c")})
 
     @classmethod
     def from_pretrained(cls, directory, device=None) -> "ConVAVectors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        config = load_artifact_config(directory, FORMAT_NAME)
+        config, state = load_artifact(directory, FORMAT_NAME, "the probes' safetensors weights")
         weights = os.path.join(directory, WEIGHTS_FILE)
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(f"{directory}: missing {WEIGHTS_FILE} (the probes' safetensors weights)")
-        try:
-            state = load_file(weights)
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ValueError(f"{weights} is not a readable safetensors file: {exc}") from None
         missing = sorted({"w", "b", "u", "c"} - set(state))
         if missing:
             raise ValueError(f"{weights}: missing tensors {missing}")
@@ -153,7 +138,7 @@ def generate_row_conva(model, prompt: torch.Tensor, *, steering: ConVA, max_new_
     """One unpadded prompt: the unmodified HF model re-run over the whole sequence each step,
     forward hooks on the steered decoder layers editing every position's output."""
     from .kernels.reference import conva_edit_ref
-    from .sampling import sample_next
+    from .reference import generate_row_hooked
 
     _, layers, _ = backbone_parts(model)
     handles = []
@@ -167,20 +152,8 @@ def generate_row_conva(model, prompt: torch.Tensor, *, steering: ConVA, max_new_
             return (new, *out[1:]) if isinstance(out, tuple) else new
 
         handles.append(layers[l].register_forward_hook(hook))
-    try:
-        seeds = torch.tensor([row_seed], dtype=torch.int64, device=prompt.device)
-        ids, new = prompt[None], []
-        for t in range(max_new_tokens):
-            logits = model(input_ids=ids).logits[0, -1]
-            nxt = int(sample_next(logits[None], sampling, seeds, t)[0])
-            new.append(nxt)
-            if nxt in eos_ids:
-                break
-            ids = torch.cat([ids, torch.tensor([[nxt]], device=ids.device)], dim=1)
-    finally:
-        for h in handles:
-            h.remove()
-    return new
+    return generate_row_hooked(model, prompt, handles, max_new_tokens=max_new_tokens, sampling=sampling,
+                               row_seed=row_seed, eos_ids=eos_ids)
 
 
 # ---- fit ---------------------------------------------------------------------------------------

@@ -13,14 +13,13 @@ model.safetensors (idx [L', k] int64, delta [L', k] float32 for config.layers).
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from .backbone import backbone_info, backbone_parts
-from .value_module import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, load_artifact_config
+from .value_module import WEIGHTS_FILE, load_artifact, save_artifact
 
 FORMAT_NAME = "svgt_fast.neva"
 
@@ -77,28 +76,13 @@ class NeVANeurons:
             raise ValueError("NeVA neurons do not fit this backbone: " + "; ".join(problems))
 
     def save_pretrained(self, directory) -> None:
-        from safetensors.torch import save_file
-
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-            json.dump({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": asdict(self.config)}, f,
-                      indent=2, sort_keys=True)
-        save_file({"idx": self.idx.contiguous().cpu(), "delta": self.delta.contiguous().cpu()},
-                  os.path.join(directory, WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
+        save_artifact(directory, FORMAT_NAME, asdict(self.config),
+                      {"idx": self.idx.contiguous().cpu(), "delta": self.delta.contiguous().cpu()})
 
     @classmethod
     def from_pretrained(cls, directory) -> "NeVANeurons":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        config = load_artifact_config(directory, FORMAT_NAME)
+        config, state = load_artifact(directory, FORMAT_NAME, "the neurons' safetensors file")
         weights = os.path.join(directory, WEIGHTS_FILE)
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(f"{directory}: missing {WEIGHTS_FILE} (the neurons' safetensors file)")
-        try:
-            state = load_file(weights)
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ValueError(f"{weights} is not a readable safetensors file: {exc}") from None
         if set(state) != {"idx", "delta"}:
             raise ValueError(f"{weights}: expected tensors idx and delta, got {sorted(state)}")
         try:
@@ -138,7 +122,7 @@ def generate_row_neva(model, prompt: torch.Tensor, *, steering: NeVA, max_new_to
                       row_seed: int, eos_ids: frozenset[int]) -> list[int]:
     """One unpadded prompt: the unmodified HF model re-run each step, a pre-hook on each steered
     layer's down projection editing its input (the MLP activation) at the chosen neurons."""
-    from .sampling import sample_next
+    from .reference import generate_row_hooked
 
     _, layers, _ = backbone_parts(model)
     handles = []
@@ -152,20 +136,8 @@ def generate_row_neva(model, prompt: torch.Tensor, *, steering: NeVA, max_new_to
             return (act, *args[1:])
 
         handles.append(layers[l].mlp.down_proj.register_forward_pre_hook(pre))
-    try:
-        seeds = torch.tensor([row_seed], dtype=torch.int64, device=prompt.device)
-        ids, new = prompt[None], []
-        for t in range(max_new_tokens):
-            logits = model(input_ids=ids).logits[0, -1]
-            nxt = int(sample_next(logits[None], sampling, seeds, t)[0])
-            new.append(nxt)
-            if nxt in eos_ids:
-                break
-            ids = torch.cat([ids, torch.tensor([[nxt]], device=ids.device)], dim=1)
-    finally:
-        for h in handles:
-            h.remove()
-    return new
+    return generate_row_hooked(model, prompt, handles, max_new_tokens=max_new_tokens, sampling=sampling,
+                               row_seed=row_seed, eos_ids=eos_ids)
 
 
 def fit_neva(model, data, *, tokenizer=None, top_k: int = 16, layers: list[int] | None = None,

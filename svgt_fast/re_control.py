@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backbone import backbone_info, backbone_parts
-from .value_module import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, load_artifact_config
+from .value_module import WEIGHTS_FILE, load_artifact, save_artifact
 
 FORMAT_NAME = "svgt_fast.re_control"
 ACTIVATIONS = ("relu", "tanh", "silu")
@@ -116,28 +116,13 @@ class REControlValue(nn.Module):
             raise ValueError("RE-Control value function does not fit this backbone: " + "; ".join(problems))
 
     def save_pretrained(self, directory) -> None:
-        from safetensors.torch import save_file
-
-        os.makedirs(directory, exist_ok=True)
-        meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": asdict(self.config)}
-        with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-            json.dump(meta, f, indent=2, sort_keys=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, os.path.join(directory, WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
+        save_artifact(directory, FORMAT_NAME, asdict(self.config), state)
 
     @classmethod
     def from_pretrained(cls, directory, device=None, dtype=None) -> "REControlValue":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        config = load_artifact_config(directory, FORMAT_NAME)
+        config, state = load_artifact(directory, FORMAT_NAME, "the value function's safetensors weights")
         weights = os.path.join(directory, WEIGHTS_FILE)
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(f"{directory}: missing {WEIGHTS_FILE} (the value function's safetensors weights)")
-        try:
-            state = load_file(weights)
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ValueError(f"{weights} is not a readable safetensors file: {exc}") from None
         try:
             module = cls(REControlConfig(**config))
         except TypeError as exc:
@@ -179,7 +164,7 @@ def generate_row_recontrol(model, prompt: torch.Tensor, *, steering: REControl, 
                            sampling, row_seed: int, eos_ids: frozenset[int]) -> list[int]:
     """One unpadded prompt: the unmodified HF model re-run over the whole sequence each step, a
     forward hook on its final norm doing the n ascent steps with autograd."""
-    from .sampling import sample_next
+    from .reference import generate_row_hooked
 
     inner, _, _ = backbone_parts(model)
     vf = steering.value_fn
@@ -193,20 +178,9 @@ def generate_row_recontrol(model, prompt: torch.Tensor, *, steering: REControl, 
                 x = x + steering.step_size * g
         return x.detach().to(out.dtype)
 
-    handle = inner.norm.register_forward_hook(hook)
-    try:
-        seeds = torch.tensor([row_seed], dtype=torch.int64, device=prompt.device)
-        ids, new = prompt[None], []
-        for t in range(max_new_tokens):
-            logits = model(input_ids=ids).logits[0, -1]
-            nxt = int(sample_next(logits[None], sampling, seeds, t)[0])
-            new.append(nxt)
-            if nxt in eos_ids:
-                break
-            ids = torch.cat([ids, torch.tensor([[nxt]], device=ids.device)], dim=1)
-    finally:
-        handle.remove()
-    return new
+    handles = [inner.norm.register_forward_hook(hook)]
+    return generate_row_hooked(model, prompt, handles, max_new_tokens=max_new_tokens, sampling=sampling,
+                               row_seed=row_seed, eos_ids=eos_ids)
 
 
 # ---- fit ---------------------------------------------------------------------------------------

@@ -148,3 +148,25 @@ def generate_row(
             break
         tokens = torch.cat([tokens, tokens.new_tensor([nxt])])
     return new
+
+
+@torch.no_grad()
+def generate_row_hooked(model, prompt: torch.Tensor, handles: list, *, max_new_tokens: int,
+                        sampling: SamplingParams, row_seed: int, eos_ids: frozenset[int]) -> list[int]:
+    """The eager loop of the hook-based references (ConVA, NeVA, RE-Control): the HF model, with
+    the caller's hooks installed (`handles`, removed here whatever happens), re-run over the
+    whole sequence each step; returns the new token ids."""
+    try:
+        seeds = torch.tensor([row_seed], dtype=torch.int64, device=prompt.device)
+        ids, new = prompt[None], []
+        for t in range(max_new_tokens):
+            logits = model(input_ids=ids).logits[0, -1]
+            nxt = int(sample_next(logits[None], sampling, seeds, t)[0])
+            new.append(nxt)
+            if nxt in eos_ids:
+                break
+            ids = torch.cat([ids, torch.tensor([[nxt]], device=ids.device)], dim=1)
+    finally:
+        for h in handles:
+            h.remove()
+    return new

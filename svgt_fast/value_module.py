@@ -292,30 +292,14 @@ class SVGTModule(nn.Module):
 
     # -- artifact ------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        from safetensors.torch import save_file
-
-        os.makedirs(directory, exist_ok=True)
-        meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": self.config.to_dict()}
-        with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-            json.dump(meta, f, indent=2, sort_keys=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, os.path.join(directory, WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
+        save_artifact(directory, FORMAT_NAME, self.config.to_dict(), state)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device=None, dtype=None) -> "SVGTModule":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        config = load_artifact_config(directory, FORMAT_NAME)
-        weights = os.path.join(directory, WEIGHTS_FILE)
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(f"{directory}: missing {WEIGHTS_FILE} (the module's safetensors weights)")
-        try:
-            state = load_file(weights)
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ValueError(f"{weights} is not a readable safetensors file: {exc}") from None
+        config, state = load_artifact(directory, FORMAT_NAME, "the module's safetensors weights")
         module = cls(SVGTConfig.from_dict(config))
-        module.load_state(state, source=weights)
+        module.load_state(state, source=os.path.join(directory, WEIGHTS_FILE))
         if device is not None or dtype is not None:
             module.to(device=device, dtype=dtype)
         return module
@@ -367,3 +351,31 @@ def load_artifact_config(directory: str | os.PathLike, format_name: str) -> dict
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {meta.get('format_version')!r} not supported (expected {FORMAT_VERSION})")
     return meta["config"]
+
+
+def save_artifact(directory, format_name: str, config: dict, tensors: dict) -> None:
+    """Write an artifact directory: CONFIG_FILE (format, version, config) + WEIGHTS_FILE."""
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    meta = {"format": format_name, "format_version": FORMAT_VERSION, "config": config}
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+    save_file(tensors, os.path.join(directory, WEIGHTS_FILE), metadata={"format": format_name})
+
+
+def load_artifact(directory, format_name: str, what: str) -> tuple[dict, dict]:
+    """(config, tensors) of an artifact directory, with errors that name the problem; `what`
+    describes the weights file in the missing-file message."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    config = load_artifact_config(directory, format_name)
+    weights = os.path.join(directory, WEIGHTS_FILE)
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"{directory}: missing {WEIGHTS_FILE} ({what})")
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{weights} is not a readable safetensors file: {exc}") from None
+    return config, state
