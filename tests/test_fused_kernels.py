@@ -100,6 +100,31 @@ def test_rope_cache_write(device, dtype, bridge):
         assert (caches[0][2] == 7).all()
 
 
+@pytest.mark.parametrize("device,dtype", CASES[:1])
+def test_rope_cache_write_seq_idx(device, dtype):
+    """A compacted sub-batch writes cache rows seq_idx[b] of the full caches in place: the same
+    bytes as writing gathered rows and scattering them back; other rows stay untouched."""
+    from svgt_fast.kernels.rope_cache_write import rope_cache_write
+
+    q, k, v, cos, sin, logical, P, bl, S, kmax = _rope_case(3, device, dtype)
+    B, Hkv, D = q.shape[0], k.shape[2], q.shape[3]
+    rows = 5
+    seq = torch.tensor([4, 0, 2], device=device)
+    poison = lambda *s: torch.full(s, 7.0, device=device, dtype=dtype)
+    full = [[poison(rows, Hkv, S, D), poison(rows, Hkv, S, D), poison(rows, Hkv, kmax, D), poison(rows, Hkv, kmax, D)]
+            for _ in range(3)]
+    q_mapped = rope_cache_write(q, k, v, cos, sin, logical, P, bl, *full[0], n_tok_slots=S, seq_idx=seq)
+    rope_cache_write_ref(q, k, v, cos, sin, logical, P, bl, *full[1], n_tok_slots=S, seq_idx=seq)
+    part = [c[seq].clone() for c in full[2]]
+    q_plain = rope_cache_write(q, k, v, cos, sin, logical, P, bl, *part, n_tok_slots=S)
+    for c, p_ in zip(full[2], part):
+        c[seq] = p_
+    assert torch.equal(q_mapped, q_plain)
+    for got, ref, want in zip(full[0], full[1], full[2]):
+        assert torch.equal(got, want) and torch.equal(ref, want)
+    assert (full[0][0][[1, 3]] == 7).all() and (full[0][0][seq] != 7).any()
+
+
 def test_rope_cache_write_rejects_bad_input():
     from svgt_fast.kernels.rope_cache_write import rope_cache_write
 

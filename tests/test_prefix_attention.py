@@ -109,3 +109,24 @@ def test_gpu_low_precision_error_bound(dtype):
     ref = prefix_attention_ref(q, kc, vc, q_pos, P, bl, kb, vb, 0.088, compute_dtype=dtype).float()
     got = prefix_attention(q, kc, vc, q_pos, P, bl, kb, vb, 0.088).float()
     assert (got - exact).abs().max() <= 2 * (ref - exact).abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("n_splits", [1, 2])
+def test_seq_idx_reads_mapped_cache_rows(n_splits):
+    """A compacted sub-batch: query row b attends over cache row seq_idx[b] of the full caches,
+    exactly as if those rows had been gathered first (Triton and reference)."""
+    from svgt_fast.kernels.prefix_attention import prefix_attention
+
+    q, kc, vc, kb, vb, P, bl = _case(5, B=5, M=4, Hq=4, Hkv=2, D=16, S=40, kmax=6, noncontig=True)
+    seq = torch.tensor([3, 0, 4])  # 3 query rows over 5 cache rows, out of order
+    q3, P3, bl3 = q[:3], P[seq], bl[seq]
+    q_pos = (P3 + bl3)[:, None] + torch.arange(4)[None]
+    q3, kc, vc, kb, vb, P3, bl3, q_pos, seq = (t.to(DEV) for t in (q3, kc, vc, kb, vb, P3, bl3, q_pos, seq))
+    mapped = prefix_attention(q3, kc, vc, q_pos, P3, bl3, kb, vb, 0.25, n_slots=40, n_splits=n_splits, seq_idx=seq)
+    gathered = prefix_attention(q3, kc[seq], vc[seq], q_pos, P3, bl3, kb[seq], vb[seq], 0.25, n_slots=40,
+                                n_splits=n_splits)
+    ref = prefix_attention_ref(q3, kc, vc, q_pos, P3, bl3, kb, vb, 0.25, n_slots=40, seq_idx=seq)
+    assert torch.equal(mapped, gathered)
+    torch.testing.assert_close(mapped, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="seq_idx"):
+        prefix_attention(q3, kc, vc, q_pos, P3, bl3, kb, vb, 0.25, seq_idx=seq[:2])

@@ -25,7 +25,7 @@ from .reference import prefix_attention_ref  # noqa: F401  (the op's reference, 
 @triton.jit
 def _prefix_attention_kernel(
     Q, KC, VC, KB, VB, OUT, PART_ACC, PART_ML,
-    q_pos_ptr, prompt_len_ptr, bridge_len_ptr,
+    q_pos_ptr, prompt_len_ptr, bridge_len_ptr, seq_ptr,
     s_qb, s_qm, s_qh, s_qd,
     s_kb, s_kh, s_ks, s_kd,
     s_vb, s_vh, s_vs, s_vd,
@@ -36,13 +36,16 @@ def _prefix_attention_kernel(
     M, n_slots, slots_per_split, scale,
     G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, KMAX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_BR: tl.constexpr,
-    HAS_BRIDGE: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BRIDGE: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, HAS_SEQ: tl.constexpr,
 ):
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
     b = pid_bh // HKV
     h = pid_bh % HKV
+    c = b  # the cache row of query row b
+    if HAS_SEQ:
+        c = tl.load(seq_ptr + b).to(tl.int64)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_idx = rows // G
@@ -70,7 +73,7 @@ def _prefix_attention_kernel(
         slots = start + tl.arange(0, BLOCK_N)
         valid = slots < hi
         logical = slots + tl.where(slots >= P, kb, 0)
-        k = tl.load(KC + b * s_kb + h * s_kh + slots[:, None] * s_ks + offs_d[None, :] * s_kd,
+        k = tl.load(KC + c * s_kb + h * s_kh + slots[:, None] * s_ks + offs_d[None, :] * s_kd,
                     mask=valid[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         s = tl.where(valid[None, :] & (logical[None, :] <= qi[:, None]), s, float("-inf"))
@@ -79,7 +82,7 @@ def _prefix_attention_kernel(
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(VC + b * s_vb + h * s_vh + slots[:, None] * s_vs + offs_d[None, :] * s_vd,
+        v = tl.load(VC + c * s_vb + h * s_vh + slots[:, None] * s_vs + offs_d[None, :] * s_vd,
                     mask=valid[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
@@ -89,7 +92,7 @@ def _prefix_attention_kernel(
             j = tl.arange(0, BLOCK_BR)
             valid = j < kb
             logical = P + j
-            kbr = tl.load(KB + b * s_bb + h * s_bh + j[:, None] * s_bs + offs_d[None, :] * s_bd,
+            kbr = tl.load(KB + c * s_bb + h * s_bh + j[:, None] * s_bs + offs_d[None, :] * s_bd,
                           mask=valid[:, None], other=0.0)
             s = tl.dot(q, tl.trans(kbr), input_precision=PRECISION) * scale
             s = tl.where(valid[None, :] & (logical[None, :] <= qi[:, None]), s, float("-inf"))
@@ -98,7 +101,7 @@ def _prefix_attention_kernel(
             alpha = tl.exp(m_i - m_safe)
             p = tl.exp(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            vbr = tl.load(VB + b * s_wb + h * s_wh + j[:, None] * s_ws + offs_d[None, :] * s_wd,
+            vbr = tl.load(VB + c * s_wb + h * s_wh + j[:, None] * s_ws + offs_d[None, :] * s_wd,
                           mask=valid[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(vbr.dtype), vbr, input_precision=PRECISION)
             m_i = m_new
@@ -147,6 +150,18 @@ def _check(name, t, ndim, dtype, device):
         raise ValueError(f"prefix_attention: {name} on {t.device}, q on {device}")
 
 
+def _check_seq_idx(seq_idx, B: int, n_rows: int, device) -> None:
+    """seq_idx [B] int on the device. Its values are not read here (no host sync): each must lie
+    in [0, n_rows), the caller's contract, as for every index a kernel reads."""
+    if seq_idx is None:
+        return
+    if tuple(seq_idx.shape) != (B,) or seq_idx.dtype not in (torch.int32, torch.int64) or seq_idx.device != device:
+        raise ValueError(f"seq_idx must be an int tensor [{B}] on {device}, got {seq_idx.dtype} "
+                         f"{tuple(seq_idx.shape)} on {seq_idx.device}")
+    if n_rows < 1:
+        raise ValueError("seq_idx given but the caches hold no rows")
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -174,6 +189,7 @@ def prefix_attention(
     scale: float,
     n_slots: int | None = None,
     n_splits: int | None = None,
+    seq_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton prefix attention; same arguments and result as `prefix_attention_ref`.
 
@@ -181,6 +197,8 @@ def prefix_attention(
     None; q_pos [B, M] int (logical index per query row); prompt_len, bridge_len [B] int.
     Any strides; D a power of two >= 16.
     n_slots: token slots that may be read (default S). n_splits: split-K (default: heuristic).
+    seq_idx [B] int or None: query row b reads cache row seq_idx[b] (the caches may then hold
+    any number of rows): a compacted sub-batch attends in place, without gathering caches.
     Returns a new [B, M, Hq, D] tensor in q's dtype.
     """
     if q.dim() != 4:
@@ -188,7 +206,9 @@ def prefix_attention(
     B, M, Hq, D = q.shape
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         _check(name, t, 4, q.dtype, q.device)
-    if k_cache.shape != v_cache.shape or k_cache.shape[0] != B or k_cache.shape[3] != D:
+    _check_seq_idx(seq_idx, B, k_cache.shape[0], q.device)
+    rows = B if seq_idx is None else k_cache.shape[0]
+    if k_cache.shape != v_cache.shape or k_cache.shape[0] != rows or k_cache.shape[3] != D:
         raise ValueError(f"prefix_attention: caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} do not fit q {tuple(q.shape)}")
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     if Hq % Hkv:
@@ -203,7 +223,7 @@ def prefix_attention(
     if has_bridge:
         for name, t in (("k_bridge", k_bridge), ("v_bridge", v_bridge)):
             _check(name, t, 4, q.dtype, q.device)
-        if k_bridge.shape != v_bridge.shape or k_bridge.shape[:2] != (B, Hkv) or k_bridge.shape[3] != D:
+        if k_bridge.shape != v_bridge.shape or k_bridge.shape[:2] != (rows, Hkv) or k_bridge.shape[3] != D:
             raise ValueError(f"prefix_attention: bridge {tuple(k_bridge.shape)} does not fit [B, Hkv, Kmax, D]")
         kmax = k_bridge.shape[2]
     else:
@@ -227,12 +247,12 @@ def prefix_attention(
     grid = (B * Hkv, grid_m, n_splits)
     _prefix_attention_kernel[grid](
         q, k_cache, v_cache, k_bridge, v_bridge, out, part_acc, part_ml,
-        q_pos, prompt_len, bridge_len,
+        q_pos, prompt_len, bridge_len, q_pos if seq_idx is None else seq_idx,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *k_bridge.stride(), *v_bridge.stride(), *out.stride(),
         *q_pos.stride(),
         M, n_slots, per_split, float(scale),
         G=G, HKV=Hkv, D=D, KMAX=kmax, BLOCK_M=block_m, BLOCK_N=64 if D <= 128 else 32,
-        BLOCK_BR=max(16, triton.next_power_of_2(kmax)), HAS_BRIDGE=has_bridge, SPLIT=split,
+        BLOCK_BR=max(16, triton.next_power_of_2(kmax)), HAS_BRIDGE=has_bridge, SPLIT=split, HAS_SEQ=seq_idx is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4,
     )

@@ -25,6 +25,7 @@ def prefix_attention_ref(
     scale: float,
     n_slots: int | None = None,
     compute_dtype: torch.dtype = torch.float32,
+    seq_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of queries over [token cache ; bridge buffer] in the logical order above.
 
@@ -35,8 +36,14 @@ def prefix_attention_ref(
     k_bridge, v_bridge: [B, Hkv, Kmax, D] or None.
     compute_dtype: dtype of the two matmuls (fp32 default; a low-precision run gives the error
         yardstick for kernels); the softmax is always fp32.
+    seq_idx: [B] int or None — query row b reads cache row seq_idx[b] of caches with any number
+        of rows (a compacted sub-batch).
     Returns [B, M, Hq, D] in q's dtype.
     """
+    if seq_idx is not None:
+        k_cache, v_cache = k_cache[seq_idx], v_cache[seq_idx]
+        if k_bridge is not None:
+            k_bridge, v_bridge = k_bridge[seq_idx], v_bridge[seq_idx]
     B, M, Hq, D = q.shape
     S = k_cache.shape[2] if n_slots is None else n_slots
     dev = q.device
@@ -130,10 +137,11 @@ def apply_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
 
 
 def rope_cache_write_ref(q, k, v, cos, sin, logical, prompt_len, bridge_len, k_cache, v_cache,
-                         k_bridge=None, v_bridge=None, n_tok_slots=None) -> torch.Tensor:
+                         k_bridge=None, v_bridge=None, n_tok_slots=None, seq_idx=None) -> torch.Tensor:
     """The definition of kernels/rope_cache_write.py: rotate q, k at min(logical, n_pos - 1);
     write k, v of each row with logical >= 0 to its storage (logical_to_storage) — token rows
-    only below n_tok_slots, bridge rows only when a bridge buffer is given. Returns rotated q."""
+    only below n_tok_slots, bridge rows only when a bridge buffer is given — in cache row b, or
+    seq_idx[b] when given. Returns rotated q."""
     B, M = logical.shape
     pos = logical.clamp(0, cos.shape[0] - 1)
     c, s = cos[pos], sin[pos]
@@ -141,7 +149,7 @@ def rope_cache_write_ref(q, k, v, cos, sin, logical, prompt_len, bridge_len, k_c
     kb = bridge_len if k_bridge is not None else torch.zeros_like(bridge_len)
     is_bridge, index = logical_to_storage(logical, prompt_len, kb)
     n_tok = k_cache.shape[2] if n_tok_slots is None else n_tok_slots
-    rows = torch.arange(B, device=q.device)[:, None].expand(B, M)
+    rows = (torch.arange(B, device=q.device) if seq_idx is None else seq_idx.long())[:, None].expand(B, M)
     tok = (logical >= 0) & ~is_bridge & (index < n_tok)
     k_cache[rows[tok], :, index[tok]] = k[tok]
     v_cache[rows[tok], :, index[tok]] = v[tok]

@@ -29,14 +29,14 @@ def _rotate(X, COS, SIN, offs, HALF: tl.constexpr):
 
 @triton.jit
 def _rope_cache_write_kernel(
-    Q, K, V, COS, SIN, QO, KC, VC, KB, VB, LOGICAL, PLEN, BLEN,
+    Q, K, V, COS, SIN, QO, KC, VC, KB, VB, LOGICAL, PLEN, BLEN, SEQ,
     s_qb, s_qm, s_qh, s_kb_, s_km, s_kh, s_vb_, s_vm, s_vh,
     s_ob, s_om, s_oh,
     s_cb, s_ch, s_cs, s_wb, s_wh, s_ws,
     s_bb, s_bh, s_bs, s_xb, s_xh, s_xs,
     s_lb, s_lm, s_cos,
     M, n_pos, n_tok_slots,
-    HQ: tl.constexpr, HALF: tl.constexpr, HAS_BRIDGE: tl.constexpr,
+    HQ: tl.constexpr, HALF: tl.constexpr, HAS_BRIDGE: tl.constexpr, HAS_SEQ: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -58,6 +58,9 @@ def _rope_cache_write_kernel(
         kb = P * 0
         if HAS_BRIDGE:
             kb = tl.load(BLEN + b).to(tl.int64)
+        c = b  # the cache row of row b
+        if HAS_SEQ:
+            c = tl.load(SEQ + b).to(tl.int64)
         is_bridge = (lg >= P) & (lg < P + kb)
         slot = tl.where(lg < P, lg, tl.where(is_bridge, lg - P, lg - kb))
         k1, k2 = _rotate(K + b * s_kb_ + m * s_km + j * s_kh, cos, sin, offs, HALF)
@@ -66,16 +69,16 @@ def _rope_cache_write_kernel(
         v2 = tl.load(vp + HALF + offs)
         tok_ok = (lg >= 0) & (~is_bridge) & (slot < n_tok_slots)
         if tok_ok:
-            kd = KC + b * s_cb + j * s_ch + slot * s_cs
-            vd = VC + b * s_wb + j * s_wh + slot * s_ws
+            kd = KC + c * s_cb + j * s_ch + slot * s_cs
+            vd = VC + c * s_wb + j * s_wh + slot * s_ws
             tl.store(kd + offs, k1)
             tl.store(kd + HALF + offs, k2)
             tl.store(vd + offs, v1)
             tl.store(vd + HALF + offs, v2)
         if HAS_BRIDGE:
             if is_bridge:
-                kd = KB + b * s_bb + j * s_bh + slot * s_bs
-                vd = VB + b * s_xb + j * s_xh + slot * s_xs
+                kd = KB + c * s_bb + j * s_bh + slot * s_bs
+                vd = VB + c * s_xb + j * s_xh + slot * s_xs
                 tl.store(kd + offs, k1)
                 tl.store(kd + HALF + offs, k2)
                 tl.store(vd + offs, v1)
@@ -83,7 +86,8 @@ def _rope_cache_write_kernel(
 
 
 def rope_cache_write(q, k, v, cos, sin, logical, prompt_len, bridge_len, k_cache, v_cache,
-                     k_bridge=None, v_bridge=None, n_tok_slots: int | None = None) -> torch.Tensor:
+                     k_bridge=None, v_bridge=None, n_tok_slots: int | None = None,
+                     seq_idx: torch.Tensor | None = None) -> torch.Tensor:
     """Rotate q/k at their logical positions and write k, v into the caches in place.
 
     q [B, M, Hq, D]; k, v [B, M, Hkv, D] (any strides, last dim contiguous); cos, sin [n_pos, D]
@@ -91,8 +95,11 @@ def rope_cache_write(q, k, v, cos, sin, logical, prompt_len, bridge_len, k_cache
     logical [B, M] int; prompt_len, bridge_len [B] int; k_cache, v_cache [B, Hkv, >= n_tok_slots, D];
     k_bridge, v_bridge [B, Hkv, Kmax, D] or None (then bridge_len is ignored: no bridge rows).
     Token rows whose slot is >= n_tok_slots (default: the cache length) and rows with a negative
-    logical index are not written. Returns the rotated q as a new [B, M, Hq, D] tensor.
+    logical index are not written. seq_idx [B] int or None: row b writes cache row seq_idx[b]
+    (the caches may then hold any number of rows; a compacted sub-batch writes in place).
+    Returns the rotated q as a new [B, M, Hq, D] tensor.
     """
+    from .prefix_attention import _check_seq_idx
     B, M, Hq, D = q.shape
     Hkv = k.shape[2]
     if D % 2 or D & (D - 1) or D < 16:
@@ -102,7 +109,9 @@ def rope_cache_write(q, k, v, cos, sin, logical, prompt_len, bridge_len, k_cache
             raise ValueError(f"rope_cache_write: {name} must have a contiguous last dim")
         if t.dtype != q.dtype:
             raise ValueError(f"rope_cache_write: {name} dtype {t.dtype} != q dtype {q.dtype}")
-    if k.shape != (B, M, Hkv, D) or v.shape != k.shape or k_cache.shape[:2] != (B, Hkv) or k_cache.shape[3] != D:
+    _check_seq_idx(seq_idx, B, k_cache.shape[0], q.device)
+    rows = B if seq_idx is None else k_cache.shape[0]
+    if k.shape != (B, M, Hkv, D) or v.shape != k.shape or k_cache.shape[:2] != (rows, Hkv) or k_cache.shape[3] != D:
         raise ValueError(f"rope_cache_write: shapes q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)} "
                          f"cache {tuple(k_cache.shape)} do not fit")
     if cos.shape != sin.shape or cos.stride() != sin.stride() or cos.shape[1] != D or tuple(logical.shape) != (B, M):
@@ -116,10 +125,11 @@ def rope_cache_write(q, k, v, cos, sin, logical, prompt_len, bridge_len, k_cache
         return q_out
     _rope_cache_write_kernel[(B * M, Hq + Hkv)](
         q, k, v, cos, sin, q_out, k_cache, v_cache, k_bridge, v_bridge, logical, prompt_len, bridge_len,
+        logical if seq_idx is None else seq_idx,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *q_out.stride()[:3],
         *k_cache.stride()[:3], *v_cache.stride()[:3], *k_bridge.stride()[:3], *v_bridge.stride()[:3],
         *logical.stride(), cos.stride(0),
         M, cos.shape[0], n_tok,
-        HQ=Hq, HALF=D // 2, HAS_BRIDGE=has_bridge, num_warps=1,
+        HQ=Hq, HALF=D // 2, HAS_BRIDGE=has_bridge, HAS_SEQ=seq_idx is not None, num_warps=1,
     )
     return q_out
