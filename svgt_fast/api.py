@@ -1,30 +1,41 @@
 """The public call: `svgt_fast.generate`."""
 from __future__ import annotations
 
+import threading
 import time
 import weakref
 from dataclasses import dataclass, field
 
 import torch
 
-from .backbone import backbone_info, check_total_length, model_device_dtype
-from .sampling import SamplingParams
+from . import validate
+from .backbone import backbone_info, check_total_length
 from .conva import ConVA
 from .neva import NeVA
 from .plan import SteeringPlan
 from .re_control import REControl
+from .sampling import SamplingParams
 from .steering import SVGT
+from .streaming import GenerationStream, StreamEvent
 
 ENGINES = ("reference", "fast")
+__all__ = ["GenerationOutput", "GenerationStream", "StreamEvent", "generate"]
 
 
 @dataclass
 class GenerationOutput:
     """sequences: [B, P + N] the input ids (as given, padding kept) then the new tokens;
     new_tokens: [B, N], pad id after a row's EOS; num_new_tokens: [B] tokens each row produced
-    (its EOS included); texts: decoded new tokens when a tokenizer was given; timings: seconds;
-    trigger_counts: [B] how many times each row's value module fired (the prompt's first bridge
-    included; 0 without steering)."""
+    (its EOS included); texts: decoded new tokens when a tokenizer was given; trigger_counts: [B]
+    how many times each row's value module fired (the prompt's first bridge included; 0 without
+    steering).
+
+    timings (seconds): total_s (the call), and with the fast engine prefill_s, decode_s,
+    refresh_s (the refresh steps' share of decode_s), steps (sampling steps run: the prefill's
+    plus one per decode step), refresh_steps, graph_steps (steps replayed from CUDA graphs). On
+    CUDA prefill_s, decode_s and refresh_s are device time (CUDA events); streamed, decode_s
+    leaves out the time the consumer held the stream. The reference engine reports total_s and
+    steps only."""
 
     sequences: torch.Tensor
     new_tokens: torch.Tensor
@@ -34,48 +45,61 @@ class GenerationOutput:
     trigger_counts: torch.Tensor | None = None  # [B] times the value module fired per row
 
 
+def _is_text(x) -> bool:
+    return isinstance(x, str) or (isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(p, str) for p in x))
+
+
 def _as_batch(input_ids, tokenizer, attention_mask, device):
     """Normalise ids / lists / strings into ([B, P] long tensor, [B, P] mask) on `device`."""
-    if isinstance(input_ids, str) or (
-        isinstance(input_ids, (list, tuple)) and input_ids and all(isinstance(p, str) for p in input_ids)
-    ):
+    if _is_text(input_ids):
         if tokenizer is None:
             raise ValueError("prompts given as text need tokenizer=...")
+        if attention_mask is not None:
+            raise ValueError("attention_mask is built from the tokenizer for text prompts; do not pass one")
         prompts = [input_ids] if isinstance(input_ids, str) else list(input_ids)
         if any(len(p) == 0 for p in prompts):
             raise ValueError("empty prompt: every prompt needs at least one token")
-        if attention_mask is not None:
-            raise ValueError("attention_mask is built from the tokenizer for text prompts; do not pass one")
-        side = tokenizer.padding_side
-        tokenizer.padding_side = "left"
-        try:
-            enc = tokenizer(prompts, return_tensors="pt", padding=True)
-        finally:
-            tokenizer.padding_side = side
-        return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        # One prompt at a time, unpadded: no pad token needed (Llama tokenizers have none);
+        # the rows are padded below like any ragged list.
+        input_ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
+    elif isinstance(input_ids, (list, tuple)) and attention_mask is not None:
+        raise ValueError("attention_mask is built from ragged lists; do not pass one")
     if isinstance(input_ids, (list, tuple)):
-        rows = [list(r) for r in input_ids] if input_ids and isinstance(input_ids[0], (list, tuple)) else [list(input_ids)]
-        if any(len(r) == 0 for r in rows):
-            raise ValueError("empty prompt: every prompt needs at least one token")
+        if not input_ids:
+            raise ValueError("no prompts: input_ids is an empty list")
+        nested = isinstance(input_ids[0], (list, tuple))
+        rows = [list(r) if isinstance(r, (list, tuple)) else r for r in input_ids] if nested else [list(input_ids)]
+        for i, r in enumerate(rows):
+            if not isinstance(r, list):
+                raise TypeError(f"input_ids mixes token lists and {type(r).__name__} (row {i}); pass a list of lists")
+            if len(r) == 0:
+                raise ValueError("empty prompt: every prompt needs at least one token")
+            if not all(validate.is_int(v) for v in r):
+                bad = next(v for v in r if not validate.is_int(v))
+                raise TypeError(f"row {i} of input_ids holds {type(bad).__name__} {bad!r}; token ids must be ints")
         width = max(len(r) for r in rows)
         ids = torch.zeros((len(rows), width), dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):  # left padding
             ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
             mask[i, width - len(r):] = 1
-        if attention_mask is not None:
-            raise ValueError("attention_mask is built from ragged lists; do not pass one")
         return ids.to(device), mask.to(device)
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a tensor, a list of token lists or text, got {type(input_ids).__name__}")
     if input_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"input_ids must be int64 or int32 token ids, got {input_ids.dtype}")
+    validate.check_tensor_device("input_ids", input_ids, device)
     ids = input_ids[None] if input_ids.dim() == 1 else input_ids
     if ids.dim() != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [B, P] with B, P >= 1 (empty prompt?), got {tuple(input_ids.shape)}")
     if attention_mask is None:
         mask = torch.ones_like(ids)
     else:
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a tensor like input_ids, got {type(attention_mask).__name__}")
+        if attention_mask.is_floating_point() or attention_mask.is_complex():
+            raise ValueError(f"attention_mask must hold 0/1 as integers or bools, got {attention_mask.dtype}")
+        validate.check_tensor_device("attention_mask", attention_mask, device)
         mask = attention_mask[None] if attention_mask.dim() == 1 else attention_mask
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}")
@@ -105,14 +129,16 @@ def _eos_set(model, eos_token_id) -> frozenset[int]:
         eos_token_id = getattr(gen_cfg, "eos_token_id", None)
     if eos_token_id is None:
         return frozenset()
-    if isinstance(eos_token_id, int):
+    if validate.is_int(eos_token_id):
         return frozenset([eos_token_id])
+    if not isinstance(eos_token_id, (list, tuple, set, frozenset)) or not all(validate.is_int(e) for e in eos_token_id):
+        raise TypeError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
     return frozenset(int(e) for e in eos_token_id)
 
 
 def _pad_id(model, pad_token_id, eos: frozenset[int]) -> int:
     if pad_token_id is not None:
-        return int(pad_token_id)
+        return validate.need_int("pad_token_id", pad_token_id)
     gen_cfg = getattr(model, "generation_config", None)
     pad = getattr(gen_cfg, "pad_token_id", None)
     if pad is not None:
@@ -135,11 +161,13 @@ def generate(
     pad_token_id: int | None = None,
     tokenizer=None,
     engine="fast",
-) -> GenerationOutput:
+    stream: bool = False,
+) -> GenerationOutput | GenerationStream:
     """Generate with a Hugging Face causal LM, optionally steered by SVGT.
 
     input_ids: [B, P] or [P] token ids (with attention_mask for left/right padding), a list of
-        token lists (ragged), or text (str or list of str) together with `tokenizer`.
+        token lists (ragged), or text (str or list of str) together with `tokenizer`. Tensors may
+        be on the CPU or on the model's device.
     steering: None, `svgt_fast.SVGT(module, ...)` for every row, or a list with one SVGT-or-None
         per prompt (per-request steering: rows mix modules of this backbone, K, strengths,
         intervals, refresh modes and policies; each row's tokens equal running it alone).
@@ -148,28 +176,38 @@ def generate(
     engine: "fast" (default: an Engine sized for this call, cached per model), an
         `svgt_fast.Engine` to reuse, or "reference" (the eager oracle of DESIGN §1, which
         re-computes the whole sequence every step).
-    Returns a GenerationOutput.
+    stream: False returns a GenerationOutput. True returns a GenerationStream: iterate it for a
+        StreamEvent per step (each row's new token and, with a tokenizer, its text delta), then a
+        final event carrying the GenerationOutput (also `stream.output`); see streaming.py. The
+        inputs are checked at the call; the work runs as the stream is iterated. The reference
+        engine computes everything at the first step, then hands the steps out.
+    Thread safety: calls on one Engine (also the cached one) run one at a time; see guard.py.
     """
     from .engine import Engine
 
-    if not isinstance(engine, Engine) and engine not in ENGINES:
+    if not isinstance(engine, Engine) and (not isinstance(engine, str) or engine not in ENGINES):
         raise ValueError(f"engine must be one of {ENGINES} or an svgt_fast.Engine, got {engine!r}")
     if isinstance(engine, Engine) and engine.model is not model:
         raise ValueError("the Engine given was built for another model")
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+    if not validate.is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    max_new_tokens = int(max_new_tokens)
+    if not isinstance(stream, bool):
+        raise TypeError(f"stream must be True or False, got {stream!r}")
     if not (steering is None or isinstance(steering, (SVGT, REControl, ConVA, NeVA, list, tuple))):
         raise TypeError(f"steering must be None, svgt_fast.SVGT / REControl / ConVA / NeVA(...) or a list of them, "
                         f"got {type(steering).__name__}")
-    sampling = SamplingParams(float(temperature), float(top_p), int(top_k))
+    sampling = SamplingParams(validate.need_number("temperature", temperature), validate.need_number("top_p", top_p),
+                              validate.need_int("top_k", top_k))
     if seed is None:
         if not sampling.greedy:
             raise ValueError("sampling (temperature > 0) needs seed=... so that results are reproducible")
         seed = 0
+    validate.need_int("seed", seed, -validate.MAX_SEED, validate.MAX_SEED)
     info = backbone_info(model)
-    device, _ = model_device_dtype(model)
+    device, _ = validate.model_device(model)
     ids, mask = _as_batch(input_ids, tokenizer, attention_mask, device)
-    plan = SteeringPlan.build(steering, ids.shape[0])  # one SVGT-or-None per row
+    plan = SteeringPlan.build(steering, ids.shape[0])  # one steering-or-None per row
     for g in plan.groups:
         g.steering.module.check_backbone(model)
     for g in plan.edits:
@@ -194,90 +232,132 @@ def generate(
         g.steering.value_fn.to(device)
     for g in plan.layer_groups:
         g.steering.vectors.to(device)
-    timings = {}
+    finish = _Finisher(ids, pad, tokenizer, "reference" if engine == "reference" else "fast")
     if engine == "reference":
-        from .reference import generate_row
-        from .conva import generate_row_conva
-        from .neva import generate_row_neva
-        from .re_control import generate_row_recontrol
-        from .reference_modes import generate_row_cached
+        run = lambda: _reference(model, prompts, plan, max_new_tokens, sampling, seed, eos, pad, device)  # noqa: E731
+        if stream:
+            return GenerationStream(_reference_steps(run, finish), len(prompts), eos, tokenizer)
+        return finish(*run(), elapsed=time.perf_counter() - t0)
+    eng = engine if isinstance(engine, Engine) else _cached_engine(
+        model, len(prompts), max(p.shape[0] for p in prompts) + max_new_tokens, plan)
+    seeds = seed + torch.arange(len(prompts), dtype=torch.int64)
+    result = eng.generate(prompts, steering=list(plan.per_row), max_new_tokens=max_new_tokens, sampling=sampling,
+                          row_seeds=seeds, eos_ids=eos, pad_id=pad, stream=stream)
+    if stream:
+        return GenerationStream(_fast_steps(result, finish), len(prompts), eos, tokenizer)
+    new, counts, timings = result
+    return finish(new, counts, timings.pop("trigger_counts", None), timings, elapsed=time.perf_counter() - t0)
 
-        # The oracle re-computes everything (refresh "exact"); the approximate refresh modes
-        # have their own eager reference, which keeps the stale K/V those modes define.
-        # Per-request steering: each row runs alone with its own steering (the definition the
-        # fast engine's mixed batches are tested against).
-        outs, triggers = [], []
+
+class _Finisher:
+    """Builds the GenerationOutput of a call from its new tokens."""
+
+    def __init__(self, ids, pad: int, tokenizer, engine: str):
+        self.ids, self.pad, self.tokenizer, self.engine = ids, pad, tokenizer, engine
+
+    def __call__(self, new, counts, triggers, timings, elapsed: float | None = None) -> GenerationOutput:
+        B = self.ids.shape[0]
+        texts = None
+        if self.tokenizer is not None:
+            texts = [self.tokenizer.decode(new[i, : int(counts[i])].tolist(), skip_special_tokens=True)
+                     for i in range(B)]
+        timings = dict(timings, engine=self.engine, tokens=int(counts.sum()))
+        if elapsed is not None:
+            timings["total_s"] = elapsed
+        return GenerationOutput(
+            sequences=torch.cat([self.ids, new.to(self.ids.device)], dim=1),
+            new_tokens=new,
+            num_new_tokens=counts,
+            texts=texts,
+            timings=timings,
+            trigger_counts=torch.tensor(triggers if triggers is not None else [0] * B, dtype=torch.long),
+        )
+
+
+def _fast_steps(steps, finish):
+    new, counts, timings = yield from steps
+    return finish(new, counts, timings.pop("trigger_counts", None), timings)
+
+
+def _reference_steps(run, finish):
+    new, counts, triggers, timings = run()
+    for t in range(new.shape[1]):
+        yield t, new[:, t].tolist()
+    return finish(new, counts, triggers, timings)
+
+
+def _reference(model, prompts, plan, max_new_tokens, sampling, seed, eos, pad, device):
+    """The eager oracle: each row alone with its own steering (the definition the fast engine's
+    mixed batches are tested against). Returns (new [B, N], counts [B], triggers, timings)."""
+    from .conva import generate_row_conva
+    from .neva import generate_row_neva
+    from .re_control import generate_row_recontrol
+    from .reference import generate_row
+    from .reference_modes import generate_row_cached
+
+    # The oracle re-computes everything (refresh "exact"); the approximate refresh modes have
+    # their own eager reference, which keeps the stale K/V those modes define. The hook-based
+    # references register hooks on the shared model: one reference call per model at a time.
+    outs, triggers = [], []
+    with _model_lock(model):
         for i, (p, steering) in enumerate(zip(prompts, plan.per_row)):
+            kw = dict(max_new_tokens=max_new_tokens, sampling=sampling, row_seed=seed + i, eos_ids=eos)
             cached = isinstance(steering, SVGT) and (steering.refresh != "exact" or steering.policy != "always")
             if isinstance(steering, NeVA):
-                outs.append(generate_row_neva(model, p, steering=steering, max_new_tokens=max_new_tokens,
-                                              sampling=sampling, row_seed=seed + i, eos_ids=eos))
+                outs.append(generate_row_neva(model, p, steering=steering, **kw))
                 triggers.append(0)
             elif isinstance(steering, ConVA):
-                outs.append(generate_row_conva(model, p, steering=steering, max_new_tokens=max_new_tokens,
-                                               sampling=sampling, row_seed=seed + i, eos_ids=eos))
+                outs.append(generate_row_conva(model, p, steering=steering, **kw))
                 triggers.append(0)
             elif isinstance(steering, REControl):
-                outs.append(generate_row_recontrol(model, p, steering=steering, max_new_tokens=max_new_tokens,
-                                                   sampling=sampling, row_seed=seed + i, eos_ids=eos))
+                outs.append(generate_row_recontrol(model, p, steering=steering, **kw))
                 triggers.append(0)
             elif cached:
                 stats = {}
-                outs.append(generate_row_cached(model, p, steering=steering, max_new_tokens=max_new_tokens,
-                                                sampling=sampling, row_seed=seed + i, eos_ids=eos, stats=stats))
+                outs.append(generate_row_cached(model, p, steering=steering, stats=stats, **kw))
                 triggers.append(stats["triggers"])
             else:
-                outs.append(generate_row(model, p, steering=steering, max_new_tokens=max_new_tokens,
-                                         sampling=sampling, row_seed=seed + i, eos_ids=eos))
+                outs.append(generate_row(model, p, steering=steering, **kw))
                 # policy "always": the prompt, then every refresh_interval-th step that is taken
                 n = len(outs[-1])
                 triggers.append(0 if steering is None else 1 + (n - 1) // steering.refresh_interval)
-        if max_new_tokens == 0:
-            triggers = [0] * len(prompts)  # nothing generated: no prefill ran in the fast engine either
-        width = max((len(o) for o in outs), default=0)
-        new = torch.full((ids.shape[0], width), pad, dtype=torch.long, device=device)
-        for i, o in enumerate(outs):
-            if o:
-                new[i, : len(o)] = torch.tensor(o, dtype=torch.long, device=device)
-        counts = torch.tensor([len(o) for o in outs], dtype=torch.long)
-    else:
-        eng = engine if isinstance(engine, Engine) else _cached_engine(model, len(prompts),
-                                                                      max(p.shape[0] for p in prompts) + max_new_tokens,
-                                                                      plan)
-        seeds = seed + torch.arange(len(prompts), dtype=torch.int64)
-        new, counts, timings = eng.generate(prompts, steering=list(plan.per_row), max_new_tokens=max_new_tokens,
-                                            sampling=sampling, row_seeds=seeds, eos_ids=eos, pad_id=pad)
-        outs = [new[i, : int(counts[i])].tolist() for i in range(len(prompts))]
-        triggers = timings.pop("trigger_counts", [0] * len(prompts))
-    elapsed = time.perf_counter() - t0
-    texts = None
-    if tokenizer is not None:
-        texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
-    return GenerationOutput(
-        sequences=torch.cat([ids, new], dim=1),
-        new_tokens=new,
-        num_new_tokens=counts,
-        texts=texts,
-        timings=dict(timings, total_s=elapsed, engine="fast" if engine != "reference" else "reference",
-                     tokens=int(counts.sum())),
-        trigger_counts=torch.tensor(triggers, dtype=torch.long),
-    )
+    if max_new_tokens == 0:
+        triggers = [0] * len(prompts)  # nothing generated: no prefill ran in the fast engine either
+    width = max((len(o) for o in outs), default=0)
+    new = torch.full((len(prompts), width), pad, dtype=torch.long, device=device)
+    for i, o in enumerate(outs):
+        if o:
+            new[i, : len(o)] = torch.tensor(o, dtype=torch.long, device=device)
+    counts = torch.tensor([len(o) for o in outs], dtype=torch.long)
+    return new, counts, triggers, {"steps": width}
 
 
 _ENGINES = weakref.WeakKeyDictionary()
+_MODEL_LOCKS = weakref.WeakKeyDictionary()
+_REGISTRY_LOCK = threading.Lock()  # guards the two dictionaries above
+
+
+def _model_lock(model) -> threading.Lock:
+    with _REGISTRY_LOCK:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.Lock()
+        return lock
 
 
 def _cached_engine(model, batch: int, seq_len: int, plan):
-    """One Engine per model, grown (never shrunk) to the largest request seen."""
+    """One Engine per model, grown (never shrunk) to the largest request seen. A call still
+    running on a replaced engine keeps it alive until it ends."""
     from .engine import Engine
 
-    eng = _ENGINES.get(model)
-    k = max(plan.kmax, 1)
-    if eng is None or eng.max_batch < batch or eng.max_seq_len < seq_len or eng.kmax < k:
-        b = max(batch, eng.max_batch if eng else 1)
-        s = max(seq_len, eng.max_seq_len if eng else 2)
-        eng = None  # free the old caches first
-        _ENGINES.pop(model, None)
-        eng = Engine(model, max_batch=b, max_seq_len=s, max_bridge_tokens=16)
-        _ENGINES[model] = eng
-    return eng
+    with _REGISTRY_LOCK:
+        eng = _ENGINES.get(model)
+        k = max(plan.kmax, 1)
+        if eng is None or eng.max_batch < batch or eng.max_seq_len < seq_len or eng.kmax < k:
+            b = max(batch, eng.max_batch if eng else 1)
+            s = max(seq_len, eng.max_seq_len if eng else 2)
+            eng = None  # free the old caches first
+            _ENGINES.pop(model, None)
+            eng = Engine(model, max_batch=b, max_seq_len=s, max_bridge_tokens=16)
+            _ENGINES[model] = eng
+        return eng

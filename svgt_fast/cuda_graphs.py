@@ -28,23 +28,53 @@ def graph_pool(engine):
 
 
 def capture(engine, step):
-    """(graph, outputs): warm up on a side stream (compiles the Triton kernels), then capture.
-    On CPU (engine.graph_emulation, for tests) an `_EmulatedGraph` stands in, so the bucket,
-    dummy-row and static-buffer logic around the graphs runs where there is no GPU."""
+    """(graph, outputs): warm up on a side stream (compiles the Triton kernels, every branch of
+    `run_if` included), then capture. On CPU (engine.graph_emulation, for tests) an
+    `_EmulatedGraph` stands in, so the bucket, dummy-row and static-buffer logic around the
+    graphs runs where there is no GPU."""
     if engine.device.type != "cuda":
         graph = _EmulatedGraph(step)
         return graph, graph.out
     dev = engine.device
     side = torch.cuda.Stream(dev)
     side.wait_stream(torch.cuda.current_stream(dev))
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream(dev).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=graph_pool(engine)):
-        out = step()
+    try:
+        engine.graph_phase = "warmup"
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        engine.graph_phase = graph
+        with torch.cuda.graph(graph, pool=graph_pool(engine)):
+            out = step()
+    finally:
+        engine.graph_phase = None
     return graph, out
+
+
+def conditional_nodes_supported() -> bool:
+    """Whether this torch can capture CUDA-graph conditional (IF) nodes (CUDA >= 12.4)."""
+    return torch.cuda.is_available() and hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node")
+
+
+def run_if(engine, pred: torch.Tensor, body) -> None:
+    """Run body() when the 0-d bool tensor pred is true, without a host sync inside a graph:
+    while a graph is captured, body becomes a conditional node that the replay evaluates on
+    the device; while warming up for a capture, body always runs (its kernels compile, and the
+    writes land before the prefill like the rest of a warm-up); otherwise (eager, CPU, graph
+    emulation) pred is read on the host. body writes its results in place."""
+    phase = engine.graph_phase
+    if phase == "warmup":
+        body()
+    elif phase is not None:
+        phase.begin_capture_to_if_node(pred)
+        try:
+            body()
+        finally:
+            phase.end_capture_to_conditional_node()
+    elif bool(pred):
+        body()
 
 
 class _EmulatedGraph:

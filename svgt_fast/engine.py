@@ -15,7 +15,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .backbone import backbone_info, model_device_dtype
+from . import validate
+from .backbone import backbone_info
+from .guard import CallGuard, out_of_memory
+from .streaming import Clock, TokenFeed, run_to_end
 from .fast_model import (ModelWeights, apply_rope, attention_output_and_mlp,
                          qkv_projection)
 from .kernels.reference import conva_edit_ref, logical_to_storage, prefix_attention_ref, rms_norm_ref, silu_mul_ref
@@ -30,6 +33,11 @@ def _neuron_edit(act, a, c, on):
     """NeVA's act <- act * a + c (fp32, rounded once) on the rows marked on ([..., I] rows)."""
     flat = act.reshape(-1, act.shape[-1])
     return torch.where(on[:, None], (flat.float() * a + c).to(act.dtype), flat).view(act.shape)
+
+
+def _rows_of(per_row: torch.Tensor, B: int, seq) -> torch.Tensor:
+    """A per-sequence vector (a plan's membership mask) for the B rows of a chunk."""
+    return per_row[:B] if seq is None else per_row[seq]
 
 
 class Engine:
@@ -48,18 +56,12 @@ class Engine:
                  max_bridge_tokens: int = 16, attention: str = "auto", cuda_graphs: bool = True,
                  prefill_tokens: int = 4096):
         self.info = backbone_info(model)
-        device, mdtype = model_device_dtype(model)
-        if dtype is not None and dtype != mdtype:
-            raise ValueError(f"engine dtype {dtype} differs from the model's {mdtype}: call model.to({dtype}) first")
-        if attention not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
-        if attention == "auto":
-            attention = "triton" if device.type == "cuda" else "torch"
-        max_seq_len = self.info.max_positions if max_seq_len is None else int(max_seq_len)
-        if max_batch < 1 or max_seq_len < 2:
-            raise ValueError(f"max_batch must be >= 1 and max_seq_len >= 2, got {max_batch}, {max_seq_len}")
-        if not 1 <= max_bridge_tokens <= 16:
-            raise ValueError(f"max_bridge_tokens must lie in 1..16, got {max_bridge_tokens}")
+        device, mdtype = validate.model_device(model)
+        max_seq_len, attention = validate.check_engine_args(
+            self.info, device, mdtype, max_batch=max_batch, max_seq_len=max_seq_len, dtype=dtype,
+            max_bridge_tokens=max_bridge_tokens, attention=attention, cuda_graphs=cuda_graphs,
+            prefill_tokens=prefill_tokens, backends=ATTENTION_BACKENDS)
+        self.guard = CallGuard("Engine")  # one generation at a time (guard.py: threads queue up)
         self.model = model
         self.device, self.dtype = device, mdtype
         self.attention = attention
@@ -68,37 +70,53 @@ class Engine:
         self.graphs = {}
         self.max_batch, self.max_seq_len, self.kmax = int(max_batch), max_seq_len, int(max_bridge_tokens)
         with torch.no_grad():
-            self.w = ModelWeights.from_hf(model)
+            try:
+                self.w = ModelWeights.from_hf(model)
+            except torch.OutOfMemoryError:
+                raise out_of_memory(f"fusing the q/k/v and gate/up weights does not fit on {device}",
+                                    "the fusion briefly needs one more copy of those weights; free memory first") from None
             n_pos = max_seq_len + self.kmax + 1
             self.cos, self.sin = self.w.rope_tables(n_pos, device, mdtype)
         L, Hkv, D = len(self.w.layers), self.w.n_kv_heads, self.w.head_dim
+        validate.check_head_dim(attention, D)
         try:
             self.k_cache = torch.zeros(L, max_batch, Hkv, max_seq_len + 1, D, device=device, dtype=mdtype)
             self.v_cache = torch.zeros_like(self.k_cache)
             self.k_bridge = torch.zeros(L, max_batch, Hkv, self.kmax + 1, D, device=device, dtype=mdtype)
             self.v_bridge = torch.zeros_like(self.k_bridge)
         except torch.OutOfMemoryError:
-            raise MemoryError(
-                f"KV cache for max_batch={max_batch}, max_seq_len={max_seq_len} does not fit on {device}; "
-                f"lower max_batch or max_seq_len") from None
+            self.k_cache = self.v_cache = self.k_bridge = self.v_bridge = None
+            n_bytes = 2 * L * max_batch * Hkv * (max_seq_len + self.kmax + 2) * D * mdtype.itemsize
+            raise validate.cache_oom(device, max_batch, max_seq_len, n_bytes) from None
         self.hidden = None  # allocated on first steered call
         self.use_kv_patch: bool | None = None  # decided on first use (builds the extension)
         self.graph_emulation = False  # tests: run the CUDA-graph runners on CPU (cuda_graphs.capture)
+        self.graph_phase = None  # "warmup" / the graph being captured, while cuda_graphs.capture runs
 
     # ------------------------------------------------------------------------------------------
-    def _attend(self, layer: int, q, q_pos, prompt_len, bridge_len, use_bridge: bool, n_slots: int):
-        B = q.shape[0]
-        kb, vb = (self.k_bridge[layer, :B], self.v_bridge[layer, :B]) if use_bridge else (None, None)
-        kc, vc = self.k_cache[layer, :B], self.v_cache[layer, :B]
+    def _caches(self, layer: int, B: int, use_bridge: bool, seq):
+        """(k_cache, v_cache, k_bridge, v_bridge) of one layer for a chunk of B rows: the first B
+        cache rows, or every row when seq (the cache row of each chunk row) maps them."""
+        n = self.max_batch if seq is not None else B
+        kb, vb = (self.k_bridge[layer, :n], self.v_bridge[layer, :n]) if use_bridge else (None, None)
+        return self.k_cache[layer, :n], self.v_cache[layer, :n], kb, vb
+
+    def _attend(self, layer: int, q, q_pos, prompt_len, bridge_len, use_bridge: bool, n_slots: int, seq=None):
+        kc, vc, kb, vb = self._caches(layer, q.shape[0], use_bridge, seq)
         if self.attention == "triton":
             from .kernels.prefix_attention import prefix_attention
 
-            return prefix_attention(q, kc, vc, q_pos, prompt_len, bridge_len, kb, vb, self.w.scale, n_slots)
-        return prefix_attention_ref(q, kc, vc, q_pos, prompt_len, bridge_len, kb, vb, self.w.scale, n_slots)
+            return prefix_attention(q, kc, vc, q_pos, prompt_len, bridge_len, kb, vb, self.w.scale, n_slots,
+                                    seq_idx=seq)
+        return prefix_attention_ref(q, kc, vc, q_pos, prompt_len, bridge_len, kb, vb, self.w.scale, n_slots,
+                                    seq_idx=seq)
 
-    def _layer(self, i: int, x, logical, prompt_len, bridge_len, use_bridge: bool, n_slots: int, mlp_edits=None):
+    def _layer(self, i: int, x, logical, prompt_len, bridge_len, use_bridge: bool, n_slots: int, mlp_edits=None,
+               seq=None):
         """One decoder layer over a chunk x [B, M, d]; logical [B, M] is each row's logical index
-        (= its RoPE position and, through logical_to_storage, where its K/V are written)."""
+        (= its RoPE position and, through logical_to_storage, where its K/V are written; rows with
+        a negative index write nothing). seq [B] or None: the cache row of each chunk row (a
+        compacted sub-batch); None = rows 0..B-1."""
         w = self.w.layers[i]
         B, M, _ = x.shape
         q, k, v = qkv_projection(w, self.w, x)
@@ -108,25 +126,26 @@ class Engine:
         kb = bridge_len if use_bridge else torch.zeros_like(bridge_len)
         is_bridge, index = logical_to_storage(logical, prompt_len, kb)
         S = self.max_seq_len
-        tok_slot = torch.where(~is_bridge & (index < S), index, S)
-        br_slot = torch.where(is_bridge, index, self.kmax)
-        rows = torch.arange(B, device=x.device)[:, None].expand(B, M)
+        live = logical >= 0  # the rest lands in the dump slots (token slot S, bridge slot Kmax)
+        tok_slot = torch.where(live & ~is_bridge & (index < S), index, S)
+        br_slot = torch.where(live & is_bridge, index, self.kmax)
+        rows = (torch.arange(B, device=x.device) if seq is None else seq)[:, None].expand(B, M)
         self.k_cache[i][rows, :, tok_slot] = k
         self.v_cache[i][rows, :, tok_slot] = v
         if use_bridge:
             self.k_bridge[i][rows, :, br_slot] = k
             self.v_bridge[i][rows, :, br_slot] = v
-        attn = self._attend(i, q, logical, prompt_len, kb, use_bridge, n_slots)
+        attn = self._attend(i, q, logical, prompt_len, kb, use_bridge, n_slots, seq)
         if not mlp_edits:
             return attention_output_and_mlp(w, x, attn.reshape(B, M, -1))
         x = x + F.linear(attn.reshape(B, M, -1), w.wo, w.bo)
         act = silu_mul_ref(F.linear(rms_norm_ref(x, w.ln2, w.eps), w.w_gate_up, w.b_gate_up))
         for a, c, member in mlp_edits:
-            act = _neuron_edit(act, a, c, member[:B, None].expand(B, M).reshape(-1))
+            act = _neuron_edit(act, a, c, _rows_of(member, B, seq)[:, None].expand(B, M).reshape(-1))
         return x + F.linear(act, w.w_down, w.b_down)
 
     def _layer_fused(self, i: int, x, delta, logical, prompt_len, bridge_len, use_bridge: bool, n_slots: int,
-                     mlp_edits=None):
+                     mlp_edits=None, seq=None):
         """`_layer` on our Triton kernels (attention="triton"): the residual add of the previous
         layer's MLP rides in this layer's RMSNorm, so returns (x, delta) with x + delta the output.
         Per layer: norm, qkv GEMM, RoPE + cache write, attention (+ split merge), o GEMM,
@@ -148,44 +167,45 @@ class Engine:
         q, k, v = q.view(B, M, Hq, D), k.view(B, M, Hkv, D), v.view(B, M, Hkv, D)
         if w.q_norm is not None:  # Qwen3 qk-norm
             q, k = rms_norm(q, w.q_norm, w.eps), rms_norm(k, w.k_norm, w.eps)
-        kc, vc = self.k_cache[i, :B], self.v_cache[i, :B]
-        kb, vb = (self.k_bridge[i, :B], self.v_bridge[i, :B]) if use_bridge else (None, None)
+        kc, vc, kb, vb = self._caches(i, B, use_bridge, seq)
         q = rope_cache_write(q, k, v, self.cos, self.sin, logical, prompt_len, bridge_len, kc, vc, kb, vb,
-                             n_tok_slots=self.max_seq_len)
-        attn = prefix_attention(q, kc, vc, logical, prompt_len, bridge_len, kb, vb, mw.scale, n_slots)
+                             n_tok_slots=self.max_seq_len, seq_idx=seq)
+        attn = prefix_attention(q, kc, vc, logical, prompt_len, bridge_len, kb, vb, mw.scale, n_slots, seq_idx=seq)
         x, h = add_rms_norm(x, F.linear(attn.view(B, M, Hq * D), w.wo, w.bo), w.ln2, w.eps)
         gu = F.linear(h, w.w_gate_up, w.b_gate_up)
         if not mlp_edits:
             act = silu_mul(gu)
         else:  # NeVA: the first group's neuron edit in the SwiGLU kernel, any further one after it
             (a, c, member), rest = mlp_edits[0], mlp_edits[1:]
-            act = silu_mul(gu, (a, c, member[:B, None].expand(B, M).reshape(-1)))
+            act = silu_mul(gu, (a, c, _rows_of(member, B, seq)[:, None].expand(B, M).reshape(-1)))
             for a, c, member in rest:
-                act = _neuron_edit(act, a, c, member[:B, None].expand(B, M).reshape(-1))
+                act = _neuron_edit(act, a, c, _rows_of(member, B, seq)[:, None].expand(B, M).reshape(-1))
         return x, F.linear(act, w.w_down, w.b_down)
 
-    def _layers(self, x, layer_ids, logical, prompt_len, bridge_len, use_bridge, n_slots, plan=None):
+    def _layers(self, x, layer_ids, logical, prompt_len, bridge_len, use_bridge, n_slots, plan=None, seq=None):
+        """Layers `layer_ids` over a chunk x [B, M, d] (see `_layer`; seq maps chunk rows to
+        cache rows and to the plan's rows)."""
         edits = plan.layer_edits(x.device) if plan is not None else {}
         mlp = plan.mlp_edits(x.device) if plan is not None else {}
         if self.attention == "triton":
             delta = None
             for i in layer_ids:
                 x, delta = self._layer_fused(i, x, delta, logical, prompt_len, bridge_len, use_bridge, n_slots,
-                                             mlp.get(i))
+                                             mlp.get(i), seq)
                 if i in edits:  # ConVA: the residual add rides in the edit kernel
-                    x, delta = self._conva(x, delta, edits[i]), None
+                    x, delta = self._conva(x, delta, edits[i], seq), None
             return x if delta is None else x + delta
         for i in layer_ids:
-            x = self._layer(i, x, logical, prompt_len, bridge_len, use_bridge, n_slots, mlp.get(i))
+            x = self._layer(i, x, logical, prompt_len, bridge_len, use_bridge, n_slots, mlp.get(i), seq)
             if i in edits:
-                x = self._conva(x, None, edits[i])
+                x = self._conva(x, None, edits[i], seq)
         return x
 
-    def _conva(self, x, delta, edits):
+    def _conva(self, x, delta, edits, seq=None):
         """ConVA edits of one layer's output x (+ delta) [B, M, d]: per group, its rows only."""
         B, M, _ = x.shape
         for steering, k, member in edits:
-            on = member[:B, None].expand(B, M).reshape(-1)
+            on = _rows_of(member, B, seq)[:, None].expand(B, M).reshape(-1)
             args = steering.edit_args(k)
             if self.attention == "triton":
                 from .kernels.conva_edit import conva_edit
@@ -212,6 +232,9 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------
     def check_request(self, prompts: list[torch.Tensor], max_new_tokens: int, plan: SteeringPlan) -> None:
+        """Refuse what this engine cannot run, naming the limit (before any work starts)."""
+        validate.check_prompts(prompts, self.device, self.info.vocab_size)
+        validate.need_int("max_new_tokens", max_new_tokens, 0)
         if len(prompts) > self.max_batch:
             raise ValueError(f"batch of {len(prompts)} exceeds the engine's max_batch={self.max_batch}")
         longest = max(p.shape[0] for p in prompts)
@@ -230,26 +253,50 @@ class Engine:
         for g in plan.mlp_groups:
             g.steering.neurons.check_backbone(self.model)
 
-    @torch.no_grad()
     def generate(self, prompts: list[torch.Tensor], *, steering, max_new_tokens: int,
                  sampling: SamplingParams, row_seeds: torch.Tensor, eos_ids: frozenset[int], pad_id: int,
-                 forced_tokens: torch.Tensor | None = None, logits_out: list | None = None):
+                 forced_tokens: torch.Tensor | None = None, logits_out: list | None = None, stream: bool = False):
         """Generate for unpadded prompts (list of [P_b] tensors). Returns (new_tokens [B, N] with
-        pad after EOS, counts [B], timings dict).
+        pad after EOS, counts [B], timings dict: prefill_s, decode_s, refresh_s (device time on
+        CUDA), steps, refresh_steps, graph_steps, trigger_counts).
 
         steering: None, one SVGT for every row, or a list of SVGT-or-None, one per row (rows mix
         modules, K, strengths, intervals, refresh modes and policies; see plan.py).
         forced_tokens [B, N]: teacher forcing — step t feeds forced_tokens[:, t-1] instead of
         the sampled token (scoring a continuation under steering). logits_out: a list that
-        receives each step's next-token logits [B, V]."""
+        receives each step's next-token logits [B, V].
+        stream=True: returns a generator instead (checks run now, the work at its first next()):
+        it yields (t, tokens) per step — token t of each row, B host ints, pad after a row's EOS
+        — and returns the tuple above (streaming.py; on CUDA the host reads step t while step
+        t+1 runs). One call at a time (guard.py): threads sharing the engine queue up, and a
+        stream holds the engine until it ends or is closed."""
         plan = SteeringPlan.build(steering, len(prompts))
         self.check_request(prompts, max_new_tokens, plan)
+        if not isinstance(row_seeds, torch.Tensor) or tuple(row_seeds.shape) != (len(prompts),):
+            raise ValueError(f"row_seeds must be a [{len(prompts)}] tensor (one seed per prompt)")
+        if forced_tokens is not None and (forced_tokens.dim() != 2 or forced_tokens.shape[0] != len(prompts)
+                                          or forced_tokens.shape[1] < max_new_tokens):
+            raise ValueError(f"forced_tokens must be [{len(prompts)}, >= {max_new_tokens}], "
+                             f"got {tuple(forced_tokens.shape)}")
+        advice = (f"lower the batch ({len(prompts)} rows), or the Engine's max_batch ({self.max_batch}), "
+                  f"max_seq_len ({self.max_seq_len}) or prefill_tokens ({self.prefill_tokens}); "
+                  f"cuda_graphs=False saves the graphs' memory")
+        steps = self.guard.run(self._generate(prompts, plan, max_new_tokens, sampling, row_seeds, eos_ids, pad_id,
+                                              forced_tokens, logits_out, stream), advice)
+        return steps if stream else run_to_end(steps)
+
+    @torch.no_grad()
+    def _generate(self, prompts, plan, max_new_tokens, sampling, row_seeds, eos_ids, pad_id, forced_tokens,
+                  logits_out, stream):
+        """The body of `generate`, a generator (it yields only when `stream`)."""
         B, dev = len(prompts), self.device
         plan.materialize(dev)
         if any(g.steering.refresh_spec[0] == "project" for g in plan.groups):
             self._kv_patch_ok()  # build / load the extension now, never inside a graph capture
         if max_new_tokens == 0:
-            return torch.empty((B, 0), dtype=torch.long, device=dev), torch.zeros(B, dtype=torch.long), {}
+            return (torch.empty((B, 0), dtype=torch.long, device=dev), torch.zeros(B, dtype=torch.long),
+                    {"prefill_s": 0.0, "decode_s": 0.0, "refresh_s": 0.0, "steps": 0, "refresh_steps": 0,
+                     "graph_steps": 0})
         P = torch.tensor([p.shape[0] for p in prompts], device=dev)
         p_max = int(P.max())
         ids = torch.zeros((B, p_max), dtype=torch.long, device=dev)
@@ -261,7 +308,10 @@ class Engine:
         bridge_len = plan.row_k(dev)
         if steer and self.hidden is None:
             self.hidden = torch.zeros(self.max_batch, self.max_seq_len + 1, self.w.hidden_size, device=dev, dtype=self.dtype)
-        timings = {"prefill_s": 0.0, "decode_s": 0.0, "refresh_s": 0.0, "refresh_steps": 0, "graph_steps": 0}
+        timings = {"prefill_s": 0.0, "decode_s": 0.0, "refresh_s": 0.0, "steps": 1, "refresh_steps": 0,
+                   "graph_steps": 0}
+        clock, refresh_marks = Clock(dev), []
+        feed = TokenFeed(B, max_new_tokens, dev, eos_ids) if stream else None
 
         # Before the prefill: capturing a graph first runs the step on dummy inputs, which
         # writes into the caches; the prefill then overwrites what matters.
@@ -270,7 +320,7 @@ class Engine:
         if hasattr(refresh, "prepare"):
             refresh.prepare(max_new_tokens)  # every refresh graph of this call, before the prefill
         replays0 = getattr(step, "replays", 0) + getattr(refresh, "replays", 0)
-        t0 = time.perf_counter()
+        m0 = clock.mark()
         logits, state = self._prefill(ids, P, plan)
         if steer:
             bridge_len = state[1]
@@ -284,21 +334,26 @@ class Engine:
         out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
         out[:, 0] = tok
         done = torch.isin(tok, eos)
-        timings["prefill_s"] = time.perf_counter() - t0
+        m1, t0 = clock.mark(), time.perf_counter()
+        if stream:
+            yield from feed.give(0, tok)
 
-        t0 = time.perf_counter()
         for t in range(1, max_new_tokens):
-            if t % 8 == 0 and bool(done.all()):  # one host sync every 8 steps to stop early
+            if stream:
+                if feed.finished:  # known on the host from the tokens handed out: no extra sync
+                    break
+            elif t % 8 == 0 and bool(done.all()):  # one host sync every 8 steps to stop early
                 break
+            timings["steps"] += 1
             due = plan.due(t) if steer else ()
             if due:
-                r0 = time.perf_counter()
+                r0 = clock.mark()
                 before = state[3]
                 tok, logits, state = refresh(tok, t, P, state, seeds, p_max, due)
                 bridge_len = state[1]
                 fired += (state[3] - before) * (~done)
                 timings["refresh_steps"] += 1
-                timings["refresh_s"] += time.perf_counter() - r0
+                refresh_marks.append((r0, clock.mark()))
             else:
                 tok, logits = step(tok, t, P, bridge_len, seeds, p_max)
             if logits_out is not None:
@@ -308,9 +363,17 @@ class Engine:
             tok = torch.where(done, torch.full_like(tok, pad_id), tok)
             out[:, t] = tok
             done |= torch.isin(tok, eos)
+            if stream:
+                yield from feed.give(t, tok)  # between graph replays
+        if stream:
+            yield from feed.flush()
+        m2 = clock.mark()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        timings["decode_s"] = time.perf_counter() - t0
+        paused = feed.paused if stream else 0.0  # the consumer's time between steps
+        timings["prefill_s"] = clock.seconds(m0, m1)
+        timings["decode_s"] = max(0.0, (clock.seconds(m1, m2) if not stream else time.perf_counter() - t0) - paused)
+        timings["refresh_s"] = sum((clock.seconds(a, b) for a, b in refresh_marks), 0.0)
         timings["graph_steps"] = getattr(step, "replays", 0) + getattr(refresh, "replays", 0) - replays0
         timings["trigger_counts"] = fired.tolist() if steer else [0] * B
 
@@ -473,6 +536,7 @@ class Engine:
         M = max([g.k + n for g, _, n in spans], default=1)
         xs = x.expand(B, M, x.shape[-1]).clone()
         logical = here.expand(B, M).clone()
+        chunk_fire = torch.zeros(B, dtype=torch.bool, device=dev)
         for g, r, n in spans:
             K, Pr = g.k, P[r][:, None]
             j = (t - n + torch.arange(n, device=dev)).clamp(min=0)
@@ -482,9 +546,71 @@ class Engine:
             f = fire[r]
             xs[r, M - K - n:] = torch.where(f[:, None, None], chunk, x[r].expand_as(chunk))
             logical[r, M - K - n:] = torch.where(f[:, None], rows, here[r].expand_as(rows))
-        x = self._layers(xs, range(e + 1, L), logical, P, bridge_len, True, n_slots, plan)
-        logits = self._logits(x[:, -1], plan)
+            chunk_fire[r] = f
+        upper = range(e + 1, L)
+        sparse = any(g.steering.policy == "sparse" for g, _, _ in spans)
+        if not sparse or not self._branches_ok():
+            # Every row in one [B, M] block (rows that do not fire repeat this token).
+            out = self._layers(xs, upper, logical, P, bridge_len, True, n_slots, plan)[:, -1:]
+        else:
+            out = self._sparse_chunks(x, xs, logical, here, chunk_fire, P, bridge_len, n_slots, plan, upper)
+        logits = self._logits(out[:, -1], plan)
         return sample_next(logits, sampling, seeds, t), logits, (bridge, bridge_len, h_ref, triggers)
+
+    def _sparse_chunks(self, x, xs, logical, here, chunk_fire, P, bridge_len, n_slots, plan, upper):
+        """The upper stack of a refresh step whose chunk rows fire sparsely; cost follows the
+        number n that fire (a device count, never read by the host):
+          n == 0          — a plain decode of this token for every row;
+          n <= c <= B / 2 — the plain decode, then the [c, M] chunk of the fired rows only,
+                            compacted (cache rows mapped by index; c is a power of two, the
+                            padding entries have logical index -1 and write nothing);
+          n > largest c   — the full [B, M] block, as under policy "always".
+        Each branch is a conditional node of the CUDA graph (`cuda_graphs.run_if`), so a replay
+        runs one of them. The plain decode writes this token's K/V of a fired row with its stale
+        bridge; the chunk, which holds this token as its last row, overwrites them. Returns
+        [B, 1, d]."""
+        from .cuda_graphs import run_if
+
+        B = xs.shape[0]
+        n = chunk_fire.sum()
+        sizes = [c for c in (1, 2, 4, 8, 16, 32, 64, 128) if c <= B // 2]
+        out = torch.empty_like(x)
+        # fired rows first, in row order (a stable sort: no host sync, static shape)
+        order = torch.argsort((~chunk_fire).to(torch.int8), stable=True)
+
+        def decode():
+            out.copy_(self._layers(x, upper, here, P, bridge_len, True, n_slots, plan))
+
+        def compacted(c):
+            def body():
+                idx = order[:c]
+                valid = torch.arange(c, device=x.device) < n
+                lg = torch.where(valid[:, None], logical[idx], -1)
+                y = self._layers(xs[idx], upper, lg, P[idx], bridge_len[idx], True, n_slots, plan, seq=idx)
+                out[idx] = torch.where(valid[:, None, None], y[:, -1:], out[idx])
+            return body
+
+        def full():
+            out.copy_(self._layers(xs, upper, logical, P, bridge_len, True, n_slots, plan)[:, -1:])
+
+        largest = sizes[-1] if sizes else 0
+        run_if(self, n <= largest, decode)
+        lo = 0
+        for c in sizes:
+            run_if(self, (n > lo) & (n <= c), compacted(c))
+            lo = c
+        run_if(self, n > largest, full)
+        return out
+
+    def _branches_ok(self) -> bool:
+        """Sparse refresh branches need conditional graph nodes when the step is captured on a
+        GPU (torch's CUDAGraph.begin_capture_to_if_node); without them the full block runs
+        (same tokens, no saving)."""
+        if self.device.type != "cuda" or not self.cuda_graphs:
+            return True
+        from .cuda_graphs import conditional_nodes_supported
+
+        return conditional_nodes_supported()
 
     def _sparse_trigger(self, st, h_t, h_ref, t):
         """policy="sparse" on our kernels: the value state, then the fused trigger kernel

@@ -107,7 +107,7 @@ def test_rope_cache_write_seq_idx(device, dtype):
     from svgt_fast.kernels.rope_cache_write import rope_cache_write
 
     q, k, v, cos, sin, logical, P, bl, S, kmax = _rope_case(3, device, dtype)
-    B, Hkv, D = q.shape[0], k.shape[2], q.shape[3]
+    Hkv, D = k.shape[2], q.shape[3]
     rows = 5
     seq = torch.tensor([4, 0, 2], device=device)
     poison = lambda *s: torch.full(s, 7.0, device=device, dtype=dtype)

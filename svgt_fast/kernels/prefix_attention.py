@@ -1,5 +1,6 @@
 """Bridge-token prefix attention (Triton): one online-softmax pass over the token cache and the
-separate bridge buffer, in the logical order [prompt ; bridge ; response] (kernels/reference.py).
+separate bridge buffer, in the logical order [prompt ; bridge ; response]; its reference is
+`prefix_attention_ref` in kernels/reference.py.
 
 One kernel serves decode (M = 1 query row per sequence) and chunks (prefill, refresh: M rows,
 causal by logical index). GQA: the G = Hq / Hkv query heads that share a KV head are packed with
@@ -18,8 +19,6 @@ import functools
 import torch
 import triton
 import triton.language as tl
-
-from .reference import prefix_attention_ref  # noqa: F401  (the op's reference, for readers)
 
 
 @triton.jit

@@ -1,0 +1,292 @@
+"""Robustness of the public entries: bad Engine arguments and requests, inputs on the wrong
+device, out-of-memory turned into advice, two threads sharing one Engine, and artifacts that
+never execute code when loaded."""
+import os
+import pickle
+import threading
+import time
+
+import pytest
+import torch
+
+from svgt_fast import SVGT, ConVAVectors, Engine, NeVANeurons, REControlValue, SVGTModule, generate
+from svgt_fast.sampling import SamplingParams
+from svgt_fast.tiny import build_tiny_model, build_value_module
+
+from helpers import ragged_prompts
+
+
+@pytest.fixture
+def llama(tiny_models):
+    return tiny_models["llama"]
+
+
+# ---- Engine arguments and requests -------------------------------------------------------------
+@pytest.mark.parametrize("kw,exc,msg", [
+    (dict(max_batch=0), ValueError, "max_batch must be >= 1"),
+    (dict(max_batch=2.5), TypeError, "max_batch must be an int"),
+    (dict(max_batch="8"), TypeError, "max_batch must be an int"),
+    (dict(max_seq_len=1), ValueError, "max_seq_len must be >= 2"),
+    (dict(max_seq_len=10_000), ValueError, "exceeds the model's context of 256"),
+    (dict(max_bridge_tokens=17), ValueError, "max_bridge_tokens must be in 1..16"),
+    (dict(prefill_tokens=0), ValueError, "prefill_tokens"),
+    (dict(cuda_graphs="yes"), TypeError, "cuda_graphs"),
+    (dict(dtype="bfloat16"), TypeError, "torch.dtype"),
+    (dict(dtype=torch.float16), ValueError, "differs from the model"),
+    (dict(attention="flash3"), ValueError, "attention must be one of"),
+])
+def test_engine_arguments(llama, kw, exc, msg):
+    with pytest.raises(exc, match=msg):
+        Engine(llama, **kw)
+
+
+def test_triton_on_cpu_without_interpreter_is_refused(llama, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        Engine(llama, max_batch=1, max_seq_len=8, attention="triton")
+
+
+def test_model_split_or_meta_is_refused():
+    model = build_tiny_model("llama", seed=3)
+    model.lm_head.to("meta")
+    with pytest.raises(ValueError, match="span several devices"):
+        Engine(model, max_batch=1, max_seq_len=8)
+    with pytest.raises(ValueError, match="span several devices"):
+        generate(model, [[1, 2]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="meta device"):
+        Engine(model.to("meta"), max_batch=1, max_seq_len=8)
+
+
+def test_engine_request_checks(llama):
+    eng = Engine(llama, max_batch=2, max_seq_len=16)
+    kw = dict(steering=None, sampling=SamplingParams(), row_seeds=torch.arange(1), eos_ids=frozenset(), pad_id=0)
+    bad = [
+        (dict(prompts=[]), ValueError, "non-empty list"),
+        (dict(prompts=[[1, 2]]), TypeError, "prompt 0 must be a tensor"),
+        (dict(prompts=[torch.tensor([[1, 2]])]), ValueError, "1-D"),
+        (dict(prompts=[torch.tensor([], dtype=torch.long)]), ValueError, "non-empty 1-D"),
+        (dict(prompts=[torch.tensor([1.0, 2.0])]), ValueError, "int64 or int32"),
+        (dict(prompts=[torch.tensor([1, 999])]), ValueError, "vocabulary"),
+        (dict(prompts=[torch.tensor([1, 2], device="meta")]), ValueError, "is on meta"),
+        (dict(prompts=[torch.tensor([1, 2])], max_new_tokens=2.0), TypeError, "max_new_tokens"),
+        (dict(prompts=[torch.tensor([1, 2])], max_new_tokens=15), ValueError, "max_seq_len=16"),
+        (dict(prompts=[torch.tensor([1])] * 3, row_seeds=torch.arange(3)), ValueError, "max_batch=2"),
+        (dict(prompts=[torch.tensor([1, 2])], row_seeds=torch.arange(2)), ValueError, "row_seeds"),
+        (dict(prompts=[torch.tensor([1, 2])], forced_tokens=torch.zeros(1, 2, dtype=torch.long)), ValueError,
+         "forced_tokens"),
+    ]
+    for over, exc, msg in bad:
+        args = dict(kw, max_new_tokens=4)
+        args.update(over)
+        with pytest.raises(exc, match=msg):
+            eng.generate(**args)
+
+
+@pytest.mark.parametrize("call,exc,msg", [
+    (lambda m: generate(m, torch.tensor([[1, 2]], device="meta"), max_new_tokens=2), ValueError, "is on meta"),
+    (lambda m: generate(m, torch.tensor([[1, 2]]), attention_mask=torch.ones(1, 2, device="meta", dtype=torch.long),
+                        max_new_tokens=2), ValueError, "attention_mask is on meta"),
+    (lambda m: generate(m, torch.tensor([[1, 2]]), attention_mask=torch.ones(1, 2), max_new_tokens=2),
+     ValueError, "0/1 as integers"),
+    (lambda m: generate(m, torch.tensor([[1, 2]]), attention_mask=[[1, 1]], max_new_tokens=2), TypeError,
+     "attention_mask must be a tensor"),
+    (lambda m: generate(m, [[1, 2.5]], max_new_tokens=2), TypeError, "token ids must be ints"),
+    (lambda m: generate(m, [[1, 2], 3], max_new_tokens=2), TypeError, "mixes token lists"),
+    (lambda m: generate(m, [], max_new_tokens=2), ValueError, "no prompts"),
+    (lambda m: generate(m, [[1, 2]], max_new_tokens=2, temperature="hot", seed=0), TypeError, "temperature"),
+    (lambda m: generate(m, [[1, 2]], max_new_tokens=2, top_k=2.0), TypeError, "top_k"),
+    (lambda m: generate(m, [[1, 2]], max_new_tokens=2, temperature=0.5, seed=1.5), TypeError, "seed"),
+    (lambda m: generate(m, [[1, 2]], max_new_tokens=2, eos_token_id="eos"), TypeError, "eos_token_id"),
+    (lambda m: generate(m, [[1, 2]], max_new_tokens=2, steering=[None, None]), ValueError, "2 entries"),
+    (lambda m: generate(m, [[1, 2]], max_new_tokens=2, engine=["fast"]), ValueError, "engine must be"),
+])
+def test_generate_bad_input(llama, call, exc, msg):
+    with pytest.raises(exc, match=msg):
+        call(llama)
+
+
+def test_cpu_inputs_are_accepted_and_numpy_ints_work(llama):
+    import numpy as np
+
+    a = generate(llama, torch.tensor([[5, 6, 7]]), max_new_tokens=3)
+    b = generate(llama, [[5, 6, 7]], max_new_tokens=np.int64(3), top_k=np.int64(0), temperature=np.float32(0.0))
+    assert torch.equal(a.new_tokens, b.new_tokens)
+
+
+# ---- out of memory -----------------------------------------------------------------------------
+def test_oom_at_engine_construction_gives_advice(llama, monkeypatch):
+    real = torch.zeros
+
+    def zeros(*shape, **kw):
+        if len(shape) == 5:  # the KV cache [L, B, Hkv, S + 1, D]
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+        return real(*shape, **kw)
+
+    monkeypatch.setattr(torch, "zeros", zeros)
+    with pytest.raises(MemoryError, match=r"KV cache for max_batch=64, max_seq_len=256 \(.* GiB\).*lower max_batch "
+                                          r"or max_seq_len"):
+        Engine(llama, max_batch=64, max_seq_len=256)
+
+
+def test_oom_during_capture_or_generation_gives_advice_and_frees_the_engine(llama, monkeypatch):
+    eng = Engine(llama, max_batch=2, max_seq_len=32)
+    want = generate(llama, [[1, 2, 3]], max_new_tokens=4, engine=eng)
+
+    def runner(*a):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(eng, "_decode_runner", runner)
+    with pytest.raises(MemoryError, match=r"out of device memory during generation \(CUDA out of memory.*"
+                                          r"max_batch \(2\), max_seq_len \(32\).*cuda_graphs=False"):
+        generate(llama, [[1, 2, 3]], max_new_tokens=4, engine=eng)
+    monkeypatch.undo()
+    assert not eng.guard.busy
+    assert torch.equal(generate(llama, [[1, 2, 3]], max_new_tokens=4, engine=eng).new_tokens, want.new_tokens)
+
+
+# ---- threads -----------------------------------------------------------------------------------
+def test_two_threads_sharing_one_engine_are_serialised(llama):
+    """Each thread gets the tokens it gets alone; the engine never runs two calls at once."""
+    eng = Engine(llama, max_batch=3, max_seq_len=48)
+    module = build_value_module(llama, seed=90)
+    jobs = [(ragged_prompts(90 + i, lengths=(3 + i, 5)), SVGT(module, refresh_interval=2) if i % 2 else None)
+            for i in range(4)]
+    want = [generate(llama, rows, steering=st, max_new_tokens=6, engine=eng).new_tokens for rows, st in jobs]
+    active, peak = [0], [0]
+    prefill = eng._prefill
+
+    def slow_prefill(*a, **kw):
+        active[0] += 1
+        peak[0] = max(peak[0], active[0])
+        time.sleep(0.02)  # widen the window in which a second call could slip in
+        try:
+            return prefill(*a, **kw)
+        finally:
+            active[0] -= 1
+
+    eng._prefill = slow_prefill
+    got, errors = {}, []
+    start = threading.Barrier(2)
+
+    def worker(w):
+        try:
+            start.wait()
+            for rep in range(3):
+                for j in range(w, len(jobs), 2):
+                    rows, st = jobs[j]
+                    if rep == 1:  # streamed calls take the same lock
+                        out = [e for e in generate(llama, rows, steering=st, max_new_tokens=6, engine=eng,
+                                                   stream=True)][-1].output
+                    else:
+                        out = generate(llama, rows, steering=st, max_new_tokens=6, engine=eng)
+                    got[(j, rep)] = out.new_tokens
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert peak[0] == 1
+    assert len(got) == 3 * len(jobs)
+    for (j, _), toks in got.items():
+        assert torch.equal(toks, want[j])
+
+
+def test_a_thread_waits_for_another_threads_open_stream(llama):
+    eng = Engine(llama, max_batch=1, max_seq_len=32)
+    stream = generate(llama, [[1, 2, 3]], max_new_tokens=6, engine=eng, stream=True)
+    next(stream)  # holds the engine
+    done = threading.Event()
+    result = []
+    t = threading.Thread(target=lambda: (result.append(generate(llama, [[4, 5]], max_new_tokens=3, engine=eng)),
+                                         done.set()))
+    t.start()
+    assert not done.wait(0.5)  # blocked behind the stream, not refused, not interleaved
+    list(stream)
+    t.join(timeout=120)
+    assert done.is_set() and result[0].new_tokens.shape == (1, 3)
+
+
+def test_reference_engine_calls_on_one_model_do_not_interleave(llama, monkeypatch):
+    import svgt_fast.reference as reference
+
+    active, peak = [0], [0]
+    real = reference.generate_row
+
+    def tracked(*a, **kw):
+        active[0] += 1
+        peak[0] = max(peak[0], active[0])
+        time.sleep(0.01)
+        try:
+            return real(*a, **kw)
+        finally:
+            active[0] -= 1
+
+    monkeypatch.setattr(reference, "generate_row", tracked)
+    threads = [threading.Thread(target=generate, args=(llama, [[1, 2], [3]]),
+                                kwargs=dict(max_new_tokens=2, engine="reference")) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert peak[0] == 1
+
+
+# ---- artifacts never execute code --------------------------------------------------------------
+class _Boom:
+    """Unpickling this runs code (it would create a marker file)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _artifacts(model, root):
+    from svgt_fast.conva import ConVAConfig
+    from svgt_fast.neva import NeVAConfig
+    from svgt_fast.re_control import REControlConfig
+
+    d, L, I = model.config.hidden_size, model.config.num_hidden_layers, model.config.intermediate_size
+    build_value_module(model, seed=1).save_pretrained(root / "svgt")
+    ConVAVectors(ConVAConfig(d, 8, [0]), torch.randn(1, d), torch.zeros(1), torch.randn(1, d),
+                 torch.zeros(1)).save_pretrained(root / "conva")
+    NeVANeurons(NeVAConfig(d, I, L, [1], 2), torch.tensor([[0, 5]]), torch.ones(1, 2)).save_pretrained(root / "neva")
+    REControlValue(REControlConfig(d, [8])).save_pretrained(root / "re_control")
+    return {"svgt": SVGTModule, "conva": ConVAVectors, "neva": NeVANeurons, "re_control": REControlValue}
+
+
+def test_artifacts_load_without_unpickling(llama, tmp_path, monkeypatch):
+    classes = _artifacts(llama, tmp_path)
+    marker = tmp_path / "code_ran"
+
+    def no_pickle(*a, **kw):
+        raise AssertionError("an artifact loader unpickled something")
+
+    monkeypatch.setattr(torch, "load", no_pickle)
+    monkeypatch.setattr(pickle, "load", no_pickle)
+    monkeypatch.setattr(pickle, "loads", no_pickle)
+    for name, cls in classes.items():
+        cls.from_pretrained(tmp_path / name)  # valid: loads through safetensors only
+        # a pickle behind the weights file's name is refused, and its code never runs
+        with open(tmp_path / name / "model.safetensors", "wb") as f:
+            f.write(pickle.dumps(_Boom(str(marker))))
+        with pytest.raises(ValueError, match="not a readable safetensors file"):
+            cls.from_pretrained(tmp_path / name)
+    assert not marker.exists()
+
+
+def test_converter_never_runs_pickled_code(llama, tmp_path):
+    from svgt_fast import SVGTConfig, convert_reference_checkpoint
+
+    marker = tmp_path / "code_ran"
+    for stage in ("s2.pt", "s3.pt"):
+        torch.save({"model_state_dict": _Boom(str(marker))}, tmp_path / stage)
+    config = SVGTConfig.for_backbone(llama.config).to_dict()
+    with pytest.raises(ValueError, match="weights-only"):
+        convert_reference_checkpoint(tmp_path / "s2.pt", tmp_path / "s3.pt", config, tmp_path / "o")
+    assert not marker.exists() and not os.path.exists(tmp_path / "o")
