@@ -37,6 +37,27 @@ def test_graphed_triton_engine_equals_reference_fp32(steered):
         assert fast.timings["graph_steps"] > 0
 
 
+def test_graphed_sparse_compaction_conditional_nodes_fp32():
+    """policy="sparse" at batch 8: due steps where none, a few or most rows fire replay one
+    captured refresh graph whose branches are CUDA-graph conditional nodes (when this torch has
+    them); the tokens equal the reference row by row either way."""
+    from svgt_fast.cuda_graphs import conditional_nodes_supported
+
+    model = build_tiny_model("llama", seed=31).cuda()
+    steering = SVGT(build_value_module(model, seed=50), refresh_interval=2, refresh="window=2", policy="sparse",
+                    score_threshold=1e9, drift_threshold=0.8)
+    rows = ragged_prompts(55, lengths=(6, 11, 3, 8, 5, 9, 4, 7))
+    ref = generate(model, rows, steering=steering, max_new_tokens=14, engine="reference")
+    eng = Engine(model, max_batch=8, max_seq_len=40)
+    print(f"conditional graph nodes: {conditional_nodes_supported()}")
+    for _ in range(2):
+        fast = generate(model, rows, steering=steering, max_new_tokens=14, engine=eng)
+        assert torch.equal(fast.new_tokens.cpu(), ref.new_tokens.cpu())
+        assert torch.equal(fast.trigger_counts, ref.trigger_counts)
+        assert fast.timings["graph_steps"] > 0
+    assert len(set(ref.trigger_counts.tolist())) > 1  # rows fired unequally: the branches differ
+
+
 def test_bf16_8b_shape_logits_and_greedy():
     """Issue 3's bf16 bar on random weights of the Llama-3-8B shape: our logits within 2x the
     error of HF's own bf16 run (both against HF fp32), and our greedy tokens equal to HF bf16
