@@ -107,9 +107,11 @@ class ConVAVectors:
         return out.to(device) if device is not None else out
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True)
 class ConVA:
-    """ConVA steering: `generate(..., steering=ConVA(vectors, p0=0.9, g0=0.5))`."""
+    """ConVA steering: `generate(..., steering=ConVA(vectors, p0=0.9, g0=0.5))`.
+    Compares by value (the artifact by identity), so an equal object built anew for each call
+    shares the CUDA graphs of the first (cuda_graphs.py)."""
 
     vectors: ConVAVectors
     p0: float = 0.9
@@ -129,6 +131,11 @@ class ConVA:
         """(w, b, v, u, c, p0, g0, wv) of the k-th steered layer for conva_edit(_ref)."""
         V = self.vectors
         return V.w[k], V.b_f[k], V.v[k], V.u[k], V.c_f[k], self.p0, self.g0, V.wv_f[k]
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """What the fast path reads in place (a CUDA graph holds their addresses; b, c and w·v
+        are host floats, fixed when the vectors are made)."""
+        return self.vectors.w, self.vectors.v, self.vectors.u
 
 
 # ---- eager reference ---------------------------------------------------------------------------

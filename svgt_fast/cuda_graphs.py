@@ -4,12 +4,77 @@ The step (`Engine.decode_step`) has static shapes: it attends over the whole cac
 lets the kernel's causal bound (read from device tensors) skip unwritten slots, and the step
 index lives in a device tensor. A batch of B rows replays the graph of the smallest bucket >= B;
 the extra rows are dummy sequences in cache rows the batch does not use.
+
+Graph keys hold what the captured code depends on, and nothing that changes from call to call:
+  steering — value-equal options and the artifact object (a new REControl(vf, ...) around the
+             same vf is the same key) plus the addresses of the artifact tensors the step reads
+             (plan.py `decode_key` / `graph_key`): a graph reads its artifact's tensors where
+             they lay at capture, so a different artifact, or one whose tensors moved, is a
+             different key — a graph never replays another artifact's weights. (Copying every
+             artifact into per-graph static buffers would share graphs across artifacts too,
+             but needs a graph-owned copy of each kind of artifact and its host-side constants;
+             artifacts are what a caller keeps, so keying by them is as good and far simpler.)
+  sampling — greedy or not, top_k, whether top_p filters (`SamplingParams.graph_key`);
+             temperature and top_p are device tensors the graph reads (`DeviceSampling`),
+             refilled per call.
+`Engine.graphs` is a `GraphCache`: least recently used graphs are dropped past its capacity.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
+from .sampling import DeviceSampling
+
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+MAX_GRAPHS = 64  # GraphCache's default capacity
+
+
+class GraphCache(OrderedDict):
+    """Engine.graphs: key -> graph runner, least recently used first. A capture past `capacity`
+    first drops least recently used graphs — never one fetched since the current call began
+    (`begin_call`, at the start of every Engine call that uses graphs): those are held by the
+    call's runners and must not be re-captured mid-call (a capture writes into the batch's cache
+    rows). One call needing more than `capacity` graphs keeps them all until a later call.
+    Configure with `engine.graphs.capacity = n` (or `engine.graphs = GraphCache(n)`)."""
+
+    def __init__(self, capacity: int = MAX_GRAPHS, graphs=()):
+        super().__init__(graphs)
+        if not (isinstance(capacity, int) and capacity >= 1):
+            raise ValueError(f"GraphCache capacity must be an int >= 1, got {capacity!r}")
+        self.capacity = capacity
+        self._this_call: set = set()
+
+    def begin_call(self) -> None:
+        """A new call starts: every graph may be dropped again."""
+        self._this_call.clear()
+
+    def fetch(self, key, capture, device):
+        """The graph of key, made by capture() on a miss."""
+        graph = self.get(key)
+        if graph is None:
+            self._make_room(device)
+            graph = self[key] = capture()
+        else:
+            self.move_to_end(key)
+        self._this_call.add(key)
+        return graph
+
+    def _make_room(self, device) -> None:
+        extra = len(self) + 1 - self.capacity
+        old = [k for k in self if k not in self._this_call][:max(extra, 0)]
+        if old and device.type == "cuda":
+            torch.cuda.synchronize(device)  # a dropped graph's last replay has finished
+        for k in old:
+            del self[k]
+
+
+def graph_cache(engine) -> GraphCache:
+    """engine.graphs as a GraphCache (made on first use from what is there)."""
+    if not isinstance(engine.graphs, GraphCache):
+        engine.graphs = GraphCache(graphs=engine.graphs)
+    return engine.graphs
 
 
 def bucket_for(batch: int, max_batch: int) -> int:
@@ -46,7 +111,9 @@ def capture(engine, step):
         torch.cuda.current_stream(dev).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         engine.graph_phase = graph
-        with torch.cuda.graph(graph, pool=graph_pool(engine)):
+        # thread_local: a CUDA call of another thread (a sync, say) during the capture is not
+        # an error of this capture (torch >= 2.11, pyproject, takes the argument)
+        with torch.cuda.graph(graph, pool=graph_pool(engine), capture_error_mode="thread_local"):
             out = step()
     finally:
         engine.graph_phase = None
@@ -108,11 +175,12 @@ class GraphedDecode:
         self.bridge_len = torch.zeros(bucket, dtype=torch.long, device=dev)
         self.seeds = torch.zeros(bucket, dtype=torch.long, device=dev)
         self.t = torch.ones((), dtype=torch.long, device=dev)
+        self.sampling = DeviceSampling(sampling, dev)
 
         plan.materialize(dev)
 
         def step():
-            return engine.decode_step(self.tok, self.t, self.P, self.bridge_len, self.seeds, sampling,
+            return engine.decode_step(self.tok, self.t, self.P, self.bridge_len, self.seeds, self.sampling,
                                       plan, engine.max_seq_len)
 
         # Warm up on a side stream (compiles the Triton kernels), then capture.
@@ -121,12 +189,13 @@ class GraphedDecode:
     @classmethod
     def get(cls, engine, batch: int, plan, sampling) -> "GraphedDecode":
         """The decode step reads only the plan's split (the extract layer) and its logits-side
-        edits, so one graph serves every mix of SVGT options with that split."""
+        edits, so one graph serves every mix of SVGT options with that split; it is set to this
+        call's temperature and top_p."""
         bucket = bucket_for(batch, engine.max_batch)
-        key = (bucket, plan.padded(bucket).decode_key, sampling)
-        graph = engine.graphs.get(key)
-        if graph is None:
-            graph = engine.graphs[key] = cls(engine, bucket, plan.padded(bucket), sampling)
+        padded = plan.padded(bucket)
+        key = (bucket, padded.decode_key, sampling.graph_key)
+        graph = graph_cache(engine).fetch(key, lambda: cls(engine, bucket, padded, sampling), engine.device)
+        graph.sampling.set(sampling)
         return graph
 
     def __call__(self, tok, t, P, bridge_len, seeds, p_max):
@@ -151,7 +220,7 @@ EXACT_ROWS_BUCKET = 32  # refresh="exact" re-runs t response rows: graphs per 32
 
 class GraphedRefresh:
     """The refresh step (`Engine.refresh_step`) captured per (batch bucket, steering plan,
-    sampling, due groups, and when an exact group is due the response-row bucket): the value
+    sampling key, due groups, and when an exact group is due the response-row bucket): the value
     heads, the EMA and the upper-stack pass over [bridge ; window ; this token] replay as one
     graph. An exact refresh at step t replays the graph of ceil(t / 32) * 32 rows (the extra
     rows repeat response token 0). The plan is part of the key: a new mix of steering options
@@ -170,11 +239,12 @@ class GraphedRefresh:
                       torch.zeros(bucket, dtype=torch.long, device=dev),                          # bridge_len
                       torch.zeros(bucket, engine.w.hidden_size, dtype=engine.dtype, device=dev),  # h_ref
                       torch.zeros(bucket, dtype=torch.long, device=dev))                          # triggers
+        self.sampling = DeviceSampling(sampling, dev)
 
         plan.materialize(dev)  # index tensors made before the capture
 
         def step():
-            return engine.refresh_step(self.tok, self.t, self.P, self.state, self.seeds, sampling,
+            return engine.refresh_step(self.tok, self.t, self.P, self.state, self.seeds, self.sampling,
                                        plan, engine.max_seq_len, due, exact_rows)
 
         self.graph, self.out = capture(engine, step)
@@ -185,14 +255,19 @@ class GraphedRefresh:
         due groups and, when an exact group is due, of the row bucket."""
         bucket = bucket_for(batch, engine.max_batch)
         padded = plan.padded(bucket)
+        plan_key, sampling_key = padded.graph_key, sampling.graph_key
+        mine = {}  # (due, rows) -> graph for this call (GraphCache never drops them during it)
 
         def graph_for(t, due):
             exact = any(plan.groups[i].steering.refresh_spec[0] == "exact" for i in due)
             rows = min(-(-int(t) // EXACT_ROWS_BUCKET) * EXACT_ROWS_BUCKET, engine.max_seq_len) if exact else None
-            key = ("refresh", bucket, padded, sampling, due, rows)
-            graph = engine.graphs.get(key)
+            graph = mine.get((due, rows))
             if graph is None:
-                graph = engine.graphs[key] = cls(engine, bucket, padded, sampling, due, rows)
+                key = ("refresh", bucket, plan_key, sampling_key, due, rows)
+                graph = graph_cache(engine).fetch(key, lambda: cls(engine, bucket, padded, sampling, due, rows),
+                                                  engine.device)
+                graph.sampling.set(sampling)
+                mine[due, rows] = graph
             return graph
 
         def run(tok, t, P, state, seeds, p_max, due):

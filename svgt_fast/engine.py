@@ -35,9 +35,28 @@ def _neuron_edit(act, a, c, on):
     return torch.where(on[:, None], (flat.float() * a + c).to(act.dtype), flat).view(act.shape)
 
 
-def _rows_of(per_row: torch.Tensor, B: int, seq) -> torch.Tensor:
-    """A per-sequence vector (a plan's membership mask) for the B rows of a chunk."""
-    return per_row[:B] if seq is None else per_row[seq]
+class Segment:
+    """B sequences of M rows each in a flattened run of rows [N, d] (`Engine._stack`): logical
+    [B, M], prompt_len / bridge_len [B] and seq [B] (cache row of each sequence; None = 0..B-1)
+    as for `Engine._layers`; offset = its first row in the run (set by `segments`)."""
+
+    def __init__(self, B, M, logical, prompt_len, bridge_len, seq=None):
+        self.B, self.M, self.logical, self.prompt_len, self.bridge_len, self.seq = B, M, logical, prompt_len, bridge_len, seq
+        self.offset = 0
+
+
+def segments(*segs: Segment) -> list[Segment]:
+    off = 0
+    for sg in segs:
+        sg.offset, off = off, off + sg.B * sg.M
+    return list(segs)
+
+
+def _segment_rows(per_seq: torch.Tensor, segs) -> torch.Tensor:
+    """A per-sequence vector (a plan's membership mask) expanded to every row of the segments: [N]."""
+    parts = [(per_seq[:sg.B] if sg.seq is None else per_seq[sg.seq])[:, None].expand(sg.B, sg.M).reshape(-1)
+             for sg in segs]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class Engine:
@@ -50,11 +69,15 @@ class Engine:
     attention: "torch" (PyTorch reference path), "triton" (our kernels), "auto" (triton on CUDA).
     cuda_graphs: capture the decode step per batch bucket on CUDA (ignored on CPU).
     prefill_tokens: prefill runs in chunks of about this many tokens (over the whole batch).
+    max_graphs: CUDA graphs kept (least recently used dropped first; never those of the call
+        running).
     """
 
     def __init__(self, model, max_batch: int = 8, max_seq_len: int | None = None, dtype: torch.dtype | None = None,
                  max_bridge_tokens: int = 16, attention: str = "auto", cuda_graphs: bool = True,
-                 prefill_tokens: int = 4096):
+                 prefill_tokens: int = 4096, max_graphs: int = 64):
+        from .cuda_graphs import GraphCache
+
         self.info = backbone_info(model)
         device, mdtype = validate.model_device(model)
         max_seq_len, attention = validate.check_engine_args(
@@ -67,7 +90,7 @@ class Engine:
         self.attention = attention
         self.cuda_graphs = bool(cuda_graphs)
         self.prefill_tokens = int(prefill_tokens)
-        self.graphs = {}
+        self.graphs = GraphCache(max_graphs)  # CUDA graphs of this engine, least recently used dropped
         self.max_batch, self.max_seq_len, self.kmax = int(max_batch), max_seq_len, int(max_bridge_tokens)
         with torch.no_grad():
             try:
@@ -111,101 +134,126 @@ class Engine:
         return prefix_attention_ref(q, kc, vc, q_pos, prompt_len, bridge_len, kb, vb, self.w.scale, n_slots,
                                     seq_idx=seq)
 
-    def _layer(self, i: int, x, logical, prompt_len, bridge_len, use_bridge: bool, n_slots: int, mlp_edits=None,
-               seq=None):
-        """One decoder layer over a chunk x [B, M, d]; logical [B, M] is each row's logical index
-        (= its RoPE position and, through logical_to_storage, where its K/V are written; rows with
-        a negative index write nothing). seq [B] or None: the cache row of each chunk row (a
-        compacted sub-batch); None = rows 0..B-1."""
-        w = self.w.layers[i]
-        B, M, _ = x.shape
-        q, k, v = qkv_projection(w, self.w, x)
-        pos = logical.clamp(max=self.cos.shape[0] - 1)  # padding rows may run past the table
-        cos, sin = self.cos[pos], self.sin[pos]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        kb = bridge_len if use_bridge else torch.zeros_like(bridge_len)
-        is_bridge, index = logical_to_storage(logical, prompt_len, kb)
-        S = self.max_seq_len
-        live = logical >= 0  # the rest lands in the dump slots (token slot S, bridge slot Kmax)
+    def _write_kv(self, i: int, k, v, sg: "Segment", use_bridge: bool) -> None:
+        """PyTorch path: store one segment's rotated k, v [B, M, Hkv, D] where its rows live (the
+        rows of negative logical index land in the dump slots: token slot S, bridge slot Kmax)."""
+        kb = sg.bridge_len if use_bridge else torch.zeros_like(sg.bridge_len)
+        is_bridge, index = logical_to_storage(sg.logical, sg.prompt_len, kb)
+        S, live = self.max_seq_len, sg.logical >= 0
         tok_slot = torch.where(live & ~is_bridge & (index < S), index, S)
         br_slot = torch.where(live & is_bridge, index, self.kmax)
-        rows = (torch.arange(B, device=x.device) if seq is None else seq)[:, None].expand(B, M)
+        rows = (torch.arange(sg.B, device=k.device) if sg.seq is None else sg.seq)[:, None].expand(sg.B, sg.M)
         self.k_cache[i][rows, :, tok_slot] = k
         self.v_cache[i][rows, :, tok_slot] = v
         if use_bridge:
             self.k_bridge[i][rows, :, br_slot] = k
             self.v_bridge[i][rows, :, br_slot] = v
-        attn = self._attend(i, q, logical, prompt_len, kb, use_bridge, n_slots, seq)
+
+    def _layer(self, i: int, x, segs, use_bridge: bool, n_slots: int, mlp_edits=None):
+        """One decoder layer (PyTorch path) over x [1, N, d]: the rows of the segments `segs`, one
+        after another (see `Segment`). Every segment writes its K/V before any attends, so a
+        segment may overwrite what an earlier one wrote in the same cache slots."""
+        w = self.w.layers[i]
+        q, k, v = qkv_projection(w, self.w, x)  # [1, N, H, D]
+        rotated = []
+        for sg in segs:
+            rows = slice(sg.offset, sg.offset + sg.B * sg.M)
+            pos = sg.logical.clamp(min=0, max=self.cos.shape[0] - 1)  # padding rows may run past the table
+            cos, sin = self.cos[pos], self.sin[pos]
+            shape = lambda t: t[0, rows].reshape(sg.B, sg.M, *t.shape[2:])
+            qs, ks = apply_rope(shape(q), cos, sin), apply_rope(shape(k), cos, sin)
+            self._write_kv(i, ks, shape(v), sg, use_bridge)
+            rotated.append(qs)
+        attn = torch.cat([
+            self._attend(i, qs, sg.logical, sg.prompt_len, sg.bridge_len if use_bridge else
+                         torch.zeros_like(sg.bridge_len), use_bridge, n_slots, sg.seq).reshape(sg.B * sg.M, -1)
+            for sg, qs in zip(segs, rotated)])[None]
         if not mlp_edits:
-            return attention_output_and_mlp(w, x, attn.reshape(B, M, -1))
-        x = x + F.linear(attn.reshape(B, M, -1), w.wo, w.bo)
+            return attention_output_and_mlp(w, x, attn)
+        x = x + F.linear(attn, w.wo, w.bo)
         act = silu_mul_ref(F.linear(rms_norm_ref(x, w.ln2, w.eps), w.w_gate_up, w.b_gate_up))
         for a, c, member in mlp_edits:
-            act = _neuron_edit(act, a, c, _rows_of(member, B, seq)[:, None].expand(B, M).reshape(-1))
+            act = _neuron_edit(act, a, c, _segment_rows(member, segs))
         return x + F.linear(act, w.w_down, w.b_down)
 
-    def _layer_fused(self, i: int, x, delta, logical, prompt_len, bridge_len, use_bridge: bool, n_slots: int,
-                     mlp_edits=None, seq=None):
+    def _layer_fused(self, i: int, x, delta, segs, use_bridge: bool, n_slots: int, mlp_edits=None):
         """`_layer` on our Triton kernels (attention="triton"): the residual add of the previous
         layer's MLP rides in this layer's RMSNorm, so returns (x, delta) with x + delta the output.
         Per layer: norm, qkv GEMM, RoPE + cache write, attention (+ split merge), o GEMM,
-        add + norm, gate/up GEMM, SwiGLU, down GEMM."""
+        add + norm, gate/up GEMM, SwiGLU, down GEMM — the GEMMs, norms and SwiGLU once over all
+        segments' rows (one weight read), RoPE + write and attention per segment."""
         from .kernels.prefix_attention import prefix_attention
         from .kernels.rms_norm import add_rms_norm, rms_norm
         from .kernels.rope_cache_write import rope_cache_write
         from .kernels.silu_mul import silu_mul
 
         w, mw = self.w.layers[i], self.w
-        B, M, _ = x.shape
         if delta is None:
             h = rms_norm(x, w.ln1, w.eps)
         else:
             x, h = add_rms_norm(x, delta, w.ln1, w.eps)
-        qkv = F.linear(h, w.wqkv, w.bqkv)
+        qkv = F.linear(h, w.wqkv, w.bqkv)[0]
         D, Hq, Hkv = mw.head_dim, mw.n_heads, mw.n_kv_heads
+        N = qkv.shape[0]
         q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
-        q, k, v = q.view(B, M, Hq, D), k.view(B, M, Hkv, D), v.view(B, M, Hkv, D)
+        q, k, v = q.view(N, Hq, D), k.view(N, Hkv, D), v.view(N, Hkv, D)
         if w.q_norm is not None:  # Qwen3 qk-norm
             q, k = rms_norm(q, w.q_norm, w.eps), rms_norm(k, w.k_norm, w.eps)
-        kc, vc, kb, vb = self._caches(i, B, use_bridge, seq)
-        q = rope_cache_write(q, k, v, self.cos, self.sin, logical, prompt_len, bridge_len, kc, vc, kb, vb,
-                             n_tok_slots=self.max_seq_len, seq_idx=seq)
-        attn = prefix_attention(q, kc, vc, logical, prompt_len, bridge_len, kb, vb, mw.scale, n_slots, seq_idx=seq)
-        x, h = add_rms_norm(x, F.linear(attn.view(B, M, Hq * D), w.wo, w.bo), w.ln2, w.eps)
+        rotated = []
+        for sg in segs:
+            rows = slice(sg.offset, sg.offset + sg.B * sg.M)
+            kc, vc, kb, vb = self._caches(i, sg.B, use_bridge, sg.seq)
+            shape = lambda t: t[rows].view(sg.B, sg.M, *t.shape[1:])
+            rotated.append(rope_cache_write(shape(q), shape(k), shape(v), self.cos, self.sin, sg.logical,
+                                            sg.prompt_len, sg.bridge_len, kc, vc, kb, vb,
+                                            n_tok_slots=self.max_seq_len, seq_idx=sg.seq))
+        attn = []
+        for sg, qs in zip(segs, rotated):
+            kc, vc, kb, vb = self._caches(i, sg.B, use_bridge, sg.seq)
+            attn.append(prefix_attention(qs, kc, vc, sg.logical, sg.prompt_len, sg.bridge_len, kb, vb, mw.scale,
+                                         n_slots, seq_idx=sg.seq).view(sg.B * sg.M, Hq * D))
+        attn = (attn[0] if len(attn) == 1 else torch.cat(attn))[None]
+        x, h = add_rms_norm(x, F.linear(attn, w.wo, w.bo), w.ln2, w.eps)
         gu = F.linear(h, w.w_gate_up, w.b_gate_up)
         if not mlp_edits:
             act = silu_mul(gu)
         else:  # NeVA: the first group's neuron edit in the SwiGLU kernel, any further one after it
             (a, c, member), rest = mlp_edits[0], mlp_edits[1:]
-            act = silu_mul(gu, (a, c, _rows_of(member, B, seq)[:, None].expand(B, M).reshape(-1)))
+            act = silu_mul(gu, (a, c, _segment_rows(member, segs)))
             for a, c, member in rest:
-                act = _neuron_edit(act, a, c, _rows_of(member, B, seq)[:, None].expand(B, M).reshape(-1))
+                act = _neuron_edit(act, a, c, _segment_rows(member, segs))
         return x, F.linear(act, w.w_down, w.b_down)
 
     def _layers(self, x, layer_ids, logical, prompt_len, bridge_len, use_bridge, n_slots, plan=None, seq=None):
-        """Layers `layer_ids` over a chunk x [B, M, d] (see `_layer`; seq maps chunk rows to
-        cache rows and to the plan's rows)."""
+        """Layers `layer_ids` over a chunk x [B, M, d]; logical [B, M] is each row's logical index
+        (= its RoPE position and, through logical_to_storage, where its K/V are written; rows with
+        a negative index write nothing). seq [B] or None: the cache row of each chunk row (a
+        compacted sub-batch; also indexes the plan's per-row masks); None = rows 0..B-1."""
+        B, M, d = x.shape
+        segs = [Segment(B, M, logical, prompt_len, bridge_len, seq)]
+        return self._stack(x.reshape(1, B * M, d), layer_ids, segs, use_bridge, n_slots, plan).view(B, M, d)
+
+    def _stack(self, x, layer_ids, segs, use_bridge, n_slots, plan=None):
+        """Layers `layer_ids` over x [1, N, d], the rows of `segs` one after another -> [1, N, d]."""
         edits = plan.layer_edits(x.device) if plan is not None else {}
         mlp = plan.mlp_edits(x.device) if plan is not None else {}
         if self.attention == "triton":
             delta = None
             for i in layer_ids:
-                x, delta = self._layer_fused(i, x, delta, logical, prompt_len, bridge_len, use_bridge, n_slots,
-                                             mlp.get(i), seq)
+                x, delta = self._layer_fused(i, x, delta, segs, use_bridge, n_slots, mlp.get(i))
                 if i in edits:  # ConVA: the residual add rides in the edit kernel
-                    x, delta = self._conva(x, delta, edits[i], seq), None
+                    x, delta = self._conva(x, delta, edits[i], segs), None
             return x if delta is None else x + delta
         for i in layer_ids:
-            x = self._layer(i, x, logical, prompt_len, bridge_len, use_bridge, n_slots, mlp.get(i), seq)
+            x = self._layer(i, x, segs, use_bridge, n_slots, mlp.get(i))
             if i in edits:
-                x = self._conva(x, None, edits[i], seq)
+                x = self._conva(x, None, edits[i], segs)
         return x
 
-    def _conva(self, x, delta, edits, seq=None):
-        """ConVA edits of one layer's output x (+ delta) [B, M, d]: per group, its rows only."""
-        B, M, _ = x.shape
+    def _conva(self, x, delta, edits, segs):
+        """ConVA edits of one layer's output x (+ delta) [1, N, d]: per group, its rows only."""
         for steering, k, member in edits:
-            on = _rows_of(member, B, seq)[:, None].expand(B, M).reshape(-1)
+            on = _segment_rows(member, segs)
             args = steering.edit_args(k)
             if self.attention == "triton":
                 from .kernels.conva_edit import conva_edit
@@ -383,17 +431,24 @@ class Engine:
 
     @torch.no_grad()
     def prefill_logits(self, prompts: list[torch.Tensor], steering=None) -> torch.Tensor:
-        """Next-token logits [B, V] after the prompts (the first sampling step), for checks."""
+        """Next-token logits [B, V] after the prompts (the first sampling step), for checks.
+        Holds the engine like `generate` (it writes the caches)."""
         plan = SteeringPlan.build(steering, len(prompts))
         self.check_request(prompts, 1, plan)
-        dev = self.device
-        P = torch.tensor([p.shape[0] for p in prompts], device=dev)
-        ids = torch.zeros((len(prompts), int(P.max())), dtype=torch.long, device=dev)
-        for b, p in enumerate(prompts):
-            ids[b, : p.shape[0]] = p.to(dev)
-        if plan.steered and self.hidden is None:
-            self.hidden = torch.zeros(self.max_batch, self.max_seq_len + 1, self.w.hidden_size, device=dev, dtype=self.dtype)
-        return self._prefill(ids, P, plan)[0]
+
+        def body():
+            yield from ()  # a generator that yields nothing: CallGuard.run holds the lock around it
+            dev = self.device
+            P = torch.tensor([p.shape[0] for p in prompts], device=dev)
+            ids = torch.zeros((len(prompts), int(P.max())), dtype=torch.long, device=dev)
+            for b, p in enumerate(prompts):
+                ids[b, : p.shape[0]] = p.to(dev)
+            if plan.steered and self.hidden is None:
+                self.hidden = torch.zeros(self.max_batch, self.max_seq_len + 1, self.w.hidden_size, device=dev,
+                                          dtype=self.dtype)
+            return self._prefill(ids, P, plan)[0]
+
+        return run_to_end(self.guard.run(body(), f"lower the batch ({len(prompts)} rows)"))
 
     # ---- the three kinds of forward ----------------------------------------------------------
     def _extract_layer(self, plan: SteeringPlan) -> int:
@@ -561,17 +616,17 @@ class Engine:
         """The upper stack of a refresh step whose chunk rows fire sparsely; cost follows the
         number n that fire (a device count, never read by the host):
           n == 0          — a plain decode of this token for every row;
-          n <= c <= B / 2 — the plain decode, then the [c, M] chunk of the fired rows only,
-                            compacted (cache rows mapped by index; c is a power of two, the
-                            padding entries have logical index -1 and write nothing);
-          n > largest c   — the full [B, M] block, as under policy "always".
+          n <= c <= B / 2 — in one pass (one read of the weights): the decode rows of the rows
+                            that do not fire, then the [c, M] chunks of the fired rows only,
+                            compacted (c a power of two; cache rows mapped by index; padding
+                            entries and the fired rows' decode rows have logical index -1:
+                            they write nothing and are dropped);
+          n > B / 2       — the full [B, M] block, as under policy "always".
         Each branch is a conditional node of the CUDA graph (`cuda_graphs.run_if`), so a replay
-        runs one of them. The plain decode writes this token's K/V of a fired row with its stale
-        bridge; the chunk, which holds this token as its last row, overwrites them. Returns
-        [B, 1, d]."""
+        runs one of them. Returns [B, 1, d]."""
         from .cuda_graphs import run_if
 
-        B = xs.shape[0]
+        B, M, d = xs.shape
         n = chunk_fire.sum()
         sizes = [c for c in (1, 2, 4, 8, 16, 32, 64, 128) if c <= B // 2]
         out = torch.empty_like(x)
@@ -585,21 +640,25 @@ class Engine:
             def body():
                 idx = order[:c]
                 valid = torch.arange(c, device=x.device) < n
-                lg = torch.where(valid[:, None], logical[idx], -1)
-                y = self._layers(xs[idx], upper, lg, P[idx], bridge_len[idx], True, n_slots, plan, seq=idx)
-                out[idx] = torch.where(valid[:, None, None], y[:, -1:], out[idx])
+                segs = segments(
+                    Segment(B, 1, torch.where(chunk_fire[:, None], -1, here), P, bridge_len),
+                    Segment(c, M, torch.where(valid[:, None], logical[idx], -1), P[idx], bridge_len[idx], idx))
+                y = self._stack(torch.cat([x.view(1, B, d), xs[idx].view(1, c * M, d)], dim=1), upper, segs, True,
+                                n_slots, plan)[0]
+                out.copy_(y[:B, None])
+                last = y[B:].view(c, M, d)[:, -1:]
+                out[idx] = torch.where(valid[:, None, None], last, out[idx])
             return body
 
         def full():
             out.copy_(self._layers(xs, upper, logical, P, bridge_len, True, n_slots, plan)[:, -1:])
 
-        largest = sizes[-1] if sizes else 0
-        run_if(self, n <= largest, decode)
+        run_if(self, n == 0, decode)
         lo = 0
         for c in sizes:
             run_if(self, (n > lo) & (n <= c), compacted(c))
             lo = c
-        run_if(self, n > largest, full)
+        run_if(self, n > lo, full)
         return out
 
     def _branches_ok(self) -> bool:
@@ -683,9 +742,11 @@ class Engine:
         return self.use_kv_patch
 
     def _decode_runner(self, B, plan, sampling):
+        """The decode step of one call (made once, at the start of each call)."""
         if self.cuda_graphs and (self.device.type == "cuda" or self.graph_emulation):
-            from .cuda_graphs import GraphedDecode
+            from .cuda_graphs import GraphedDecode, graph_cache
 
+            graph_cache(self).begin_call()  # from here, earlier calls' graphs may be dropped (LRU)
             return GraphedDecode.get(self, B, plan, sampling)
         return lambda tok, t, P, bridge_len, seeds, p_max: self.decode_step(
             tok, t, P, bridge_len, seeds, sampling, plan, p_max + t)

@@ -92,9 +92,11 @@ class NeVANeurons:
         return cls(cfg, state["idx"], state["delta"])
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True)
 class NeVA:
-    """NeVA steering: `generate(..., steering=NeVA(neurons, strength=1.0))`."""
+    """NeVA steering: `generate(..., steering=NeVA(neurons, strength=1.0))`.
+    Compares by value (the artifact by identity), so an equal object built anew for each call
+    shares the CUDA graphs of the first (cuda_graphs.py)."""
 
     neurons: NeVANeurons
     strength: float = 1.0
@@ -115,6 +117,12 @@ class NeVA:
         if key not in cache:
             cache[key] = self.neurons.dense(self.strength, device)
         return cache[key]
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """What the fast path reads of the artifact in place: nothing (the dense edits it reads
+        are made from idx and delta, once per NeVA object; a graph holds the object that made
+        them)."""
+        return ()
 
 
 @torch.no_grad()

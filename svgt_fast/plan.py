@@ -3,9 +3,14 @@
 Rows may also carry a logits-side edit (RE-Control): those act on the final norm's output only,
 grouped the same way (`edits`).
 
+Steering objects compare by value (their artifact — value module, value function, vectors,
+neurons — by identity), so rows group, and plans compare, by what they compute: a plan rebuilt
+for each call, from steering objects rebuilt for each call, finds the CUDA graphs of the first
+(`decode_key`, `graph_key`).
+
 A batch may mix rows without steering and rows with different SVGT options or modules of the
-same backbone (K, strength, refresh interval, refresh mode, policy). Rows that share one SVGT
-object form a group; the value head runs once per group on its rows, and every per-row
+same backbone (K, strength, refresh interval, refresh mode, policy). Rows with equal steering
+form a group; the value head runs once per group on its rows, and every per-row
 difference (K, bridge gate, refresh schedule) lives in device tensors, so each row computes what
 it would compute alone. Constraint: all modules of a batch read the same extract layer (the
 lower/upper split is one per forward) and hold the same dtype (one bridge state tensor).
@@ -153,9 +158,17 @@ class SteeringPlan:
         return self._on(device)["layer_edits"]
 
     @property
-    def decode_key(self):
-        """What a decode step depends on: the lower/upper split and the logits-side edits."""
-        return (self.extract_layer if self.steered else None, self.edits, self.layer_groups, self.mlp_groups)
+    def decode_key(self) -> tuple:
+        """What a captured decode step reads of the plan: the lower/upper split, the edit groups
+        (RE-Control, ConVA, NeVA: options and rows) and where their artifacts' tensors lie."""
+        edits = self.edits + self.layer_groups + self.mlp_groups
+        return (self.extract_layer if self.steered else None, edits, _storage(edits))
+
+    @property
+    def graph_key(self) -> tuple:
+        """What a captured refresh step reads of the plan: all of it, and where its artifacts'
+        tensors lie."""
+        return (self, _storage(self._everyone))
 
     def member(self, g: Group, device) -> torch.Tensor:
         """[B] bool: rows of group g."""
@@ -166,3 +179,11 @@ class SteeringPlan:
 
     def __eq__(self, other):
         return isinstance(other, SteeringPlan) and self.per_row == other.per_row
+
+
+def _storage(groups) -> tuple:
+    """Where every artifact tensor the groups' steps read in place lies. A graph
+    replays the addresses it captured: an artifact whose tensors were replaced since (moved to
+    another device or dtype, a parameter reassigned) must find another graph, never replay freed
+    or stale memory. Updates in place keep the addresses and reach graph and eager path alike."""
+    return tuple((t.device, t.data_ptr(), t.dtype, t.shape) for g in groups for t in g.steering.tensors())

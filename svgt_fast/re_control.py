@@ -138,9 +138,11 @@ class REControlValue(nn.Module):
         return module
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True)
 class REControl:
-    """RE-Control steering: `generate(..., steering=REControl(value_fn, n_steps=5, step_size=0.5))`."""
+    """RE-Control steering: `generate(..., steering=REControl(value_fn, n_steps=5, step_size=0.5))`.
+    Compares by value (the artifact by identity), so an equal object built anew for each call
+    shares the CUDA graphs of the first (cuda_graphs.py)."""
 
     value_fn: REControlValue
     n_steps: int = 5
@@ -156,6 +158,10 @@ class REControl:
 
     def apply(self, h: torch.Tensor) -> torch.Tensor:
         return self.value_fn.control(h, self.n_steps, self.step_size)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """What the fast path reads in place (a CUDA graph holds their addresses)."""
+        return tuple(self.value_fn.parameters())
 
 
 # ---- eager reference ---------------------------------------------------------------------------

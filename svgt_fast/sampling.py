@@ -5,6 +5,12 @@ torch.Generator. That makes a seeded sample depend only on the request, never on
 rides in, the engine that runs it or the device, and it needs no host sync (the step can live in
 a device tensor inside a CUDA graph). The draw is the exponential race: argmax(p / E) with
 E ~ Exp(1) samples from p.
+
+`SamplingParams` hold Python numbers (the eager paths). Inside a CUDA graph a number would be
+baked into the captured kernels, so the graphs read `DeviceSampling` instead: temperature and
+top_p in 0-d device tensors that each call refills, with only what changes the captured code
+(greedy or not, top_k, whether top_p filters) left in the graph key (`SamplingParams.graph_key`).
+Both give bit-identical tokens.
 """
 from __future__ import annotations
 
@@ -34,6 +40,44 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def nucleus(self) -> bool:
+        """Whether top_p filters anything (the top-p branch runs)."""
+        return self.top_p < 1.0
+
+    @property
+    def graph_key(self) -> tuple:
+        """What a captured sampling step depends on beyond `DeviceSampling`'s tensors: the code
+        path (greedy: nothing else is read) and top_k (a shape)."""
+        return ("greedy",) if self.greedy else ("sample", self.top_k, self.nucleus)
+
+
+class DeviceSampling:
+    """`SamplingParams` for a CUDA graph: temperature (and its reciprocal) and top_p live in 0-d
+    float32 tensors on `device`, which `set` refills (no host sync; the graph's next replay reads
+    the new values); top_k, greedy and nucleus are fixed (they are the graph key)."""
+
+    def __init__(self, params: SamplingParams, device):
+        self.key = params.graph_key
+        self.top_k, self.greedy, self.nucleus = params.top_k, params.greedy, params.nucleus
+        self.temperature, self.inv_temperature, self.top_p = (
+            torch.ones((), dtype=torch.float32, device=device) for _ in range(3))
+        self.params = None
+        self.set(params)
+
+    def set(self, params: SamplingParams) -> "DeviceSampling":
+        """Take params' temperature and top_p (params.graph_key must be this one's key)."""
+        if params.graph_key != self.key:
+            raise ValueError(f"sampling {params} does not fit a graph captured for {self.key}")
+        if params != self.params and not params.greedy:
+            self.temperature.fill_(params.temperature)
+            # the double reciprocal rounded to float32, as ATen's CUDA division by a Python number
+            # computes it (see _over_temperature)
+            self.inv_temperature.fill_(1.0 / params.temperature)
+            self.top_p.fill_(params.top_p)
+        self.params = params
+        return self
+
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer mixer (xorshift-multiply) on int64 tensors holding values < 2**32."""
@@ -60,18 +104,27 @@ def uniform_noise(row_seeds: torch.Tensor, step: torch.Tensor | int, vocab: int)
     return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 
-def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+def _over_temperature(x: torch.Tensor, params) -> torch.Tensor:
+    """x / temperature, computed as the Python-number division computes it: ATen divides by a
+    Python number on the CPU (a 0-d float32 tensor divides the same), but on CUDA multiplies by
+    its reciprocal (double, rounded to float32), which `DeviceSampling.inv_temperature` holds."""
+    if isinstance(params, DeviceSampling) and x.is_cuda:
+        return x * params.inv_temperature
+    return x / params.temperature
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams | DeviceSampling) -> torch.Tensor:
     """Temperature, then top-k (ties at the k-th value kept), then top-p (smallest prefix whose
     mass reaches top_p; the most likely token always kept). Returns float32 logits with -inf."""
-    x = logits.float() / params.temperature
+    x = _over_temperature(logits.float(), params)
     if params.top_k > 0 and params.top_k < x.shape[-1]:
         kth = torch.topk(x, params.top_k, dim=-1).values[..., -1:]
         x = x.masked_fill(x < kth, float("-inf"))
-    if params.top_p < 1.0:
+    if params.nucleus:
         sorted_x, order = torch.sort(x, dim=-1, descending=True)
         probs = torch.softmax(sorted_x, dim=-1)
         mass_before = torch.cumsum(probs, dim=-1) - probs
-        drop_sorted = mass_before >= params.top_p
+        drop_sorted = mass_before >= params.top_p  # compared in float32 (number or 0-d tensor alike)
         drop_sorted[..., 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         x = x.masked_fill(drop, float("-inf"))
@@ -79,7 +132,7 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def sample_next(
-    logits: torch.Tensor, params: SamplingParams, row_seeds: torch.Tensor, step: torch.Tensor | int
+    logits: torch.Tensor, params: SamplingParams | DeviceSampling, row_seeds: torch.Tensor, step: torch.Tensor | int
 ) -> torch.Tensor:
     """Next token ids [B] (int64) from logits [B, V]."""
     if params.greedy:

@@ -115,6 +115,10 @@ class SVGT:
     def bridge_and_score(self, trigger: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.module.bridge_and_score(trigger, self.gradient_step_size)
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """What the fast path reads in place (a CUDA graph holds their addresses)."""
+        return (*self.module.parameters(), *self.module.buffers())
+
     def refresh_bridge(self, bridge: torch.Tensor, trigger: torch.Tensor) -> torch.Tensor:
         """EMA of the old bridge [B, K, d] and a new one from trigger [B, d]."""
         return ema(bridge, self.bridge(trigger), self.beta)

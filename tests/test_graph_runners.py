@@ -85,3 +85,150 @@ def test_emulated_graphs_with_re_control_rows(tiny_models):
     only = generate(model, rows, steering=rc, max_new_tokens=9, engine=eng)
     assert torch.equal(only.new_tokens, generate(model, rows, steering=rc, max_new_tokens=9,
                                                  engine="reference").new_tokens)
+
+
+# ---- graph keys (issue 8): shared across calls by value, never across artifacts ---------------
+def _artifact(model, kind: str, seed: int):
+    """A random RE-Control value function / ConVA vectors / NeVA neurons for `model` (seeded),
+    strong enough to change greedy tokens."""
+    from svgt_fast import ConVAVectors, NeVANeurons, REControlConfig, REControlValue
+    from svgt_fast.conva import ConVAConfig
+    from svgt_fast.neva import NeVAConfig
+
+    g = torch.Generator().manual_seed(seed)
+    d, L = model.config.hidden_size, model.config.num_hidden_layers
+    if kind == "re_control":
+        vf = REControlValue(REControlConfig(d, [16], "tanh"))
+        with torch.no_grad():
+            for p in vf.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 3.0)
+        return vf
+    if kind == "conva":  # gate always open (u = 0, c = 10): every state is lifted to P0 along w
+        cfg = ConVAConfig(d, L, [0, 1])
+        return ConVAVectors(cfg, torch.randn(2, d, generator=g), torch.randn(2, generator=g), torch.zeros(2, d),
+                            torch.full((2,), 10.0))
+    inter = model.config.intermediate_size
+    cfg = NeVAConfig(d, inter, L, [1, 3], 8)
+    return NeVANeurons(cfg, torch.randperm(inter, generator=g)[:16].view(2, 8), torch.randn(2, 8, generator=g) * 4)
+
+
+def _steer(kind: str, art):
+    from svgt_fast import ConVA, NeVA, REControl
+
+    return {"re_control": lambda: REControl(art, n_steps=2, step_size=1.0),
+            "conva": lambda: ConVA(art, p0=0.99, g0=0.05),
+            "neva": lambda: NeVA(art, strength=2.0)}[kind]()
+
+
+@pytest.fixture(scope="module")
+def model7():
+    from svgt_fast.tiny import build_tiny_model
+
+    return build_tiny_model("llama", seed=75, num_hidden_layers=7)  # ConVA steers layers 0..1 of 7
+
+
+@pytest.mark.parametrize("kind", ["re_control", "conva", "neva"])
+def test_emulated_graphs_never_replay_another_artifacts_weights(model7, kind):
+    """Two artifacts of one kind through one engine's graphs: each call's tokens are its own
+    artifact's (= the reference), and a steering object built anew around an artifact already
+    seen reuses its graphs."""
+    a, b = _artifact(model7, kind, 1), _artifact(model7, kind, 2)
+    rows = ragged_prompts(75, lengths=(5, 8, 3))
+    eng = _engine(model7, max_batch=4, max_seq_len=24)
+    ref = {}
+    for art in (a, b):
+        ref[id(art)] = generate(model7, rows, steering=_steer(kind, art), max_new_tokens=8, engine="reference")
+    assert not torch.equal(ref[id(a)].new_tokens, ref[id(b)].new_tokens)  # the artifacts really differ
+    sizes = []
+    for art in (a, b, a, b):  # a new steering object every call
+        out = generate(model7, rows, steering=_steer(kind, art), max_new_tokens=8, engine=eng)
+        assert torch.equal(out.new_tokens, ref[id(art)].new_tokens)
+        assert out.timings["graph_steps"] == 7
+        sizes.append(len(eng.graphs))
+    assert sizes[0] < sizes[1] == sizes[2] == sizes[3]  # b: graphs of its own; then only reuse
+
+
+def test_emulated_graph_key_follows_the_artifacts_storage(tiny_models):
+    """A parameter replaced (not updated in place) since the capture: a graph holds the old
+    address, so the key differs and a new graph is captured; an update in place is read where
+    it lies by the graph that exists."""
+    from svgt_fast import REControl
+
+    model = tiny_models["qwen2"]
+    vf = _artifact(model, "re_control", 3)
+    rows = ragged_prompts(76, lengths=(4, 6))
+    eng = _engine(model, max_batch=2, max_seq_len=20)
+    generate(model, rows, steering=REControl(vf, n_steps=2), max_new_tokens=6, engine=eng)
+    n = len(eng.graphs)
+    with torch.no_grad():
+        vf.layers[0].weight.mul_(-1.0)  # in place: same graphs
+    out = generate(model, rows, steering=REControl(vf, n_steps=2), max_new_tokens=6, engine=eng)
+    ref = generate(model, rows, steering=REControl(vf, n_steps=2), max_new_tokens=6, engine="reference")
+    assert torch.equal(out.new_tokens, ref.new_tokens) and len(eng.graphs) == n
+    vf.layers[0].weight = torch.nn.Parameter(vf.layers[0].weight.detach() * 2.0)  # a new tensor: a new graph
+    out = generate(model, rows, steering=REControl(vf, n_steps=2), max_new_tokens=6, engine=eng)
+    ref = generate(model, rows, steering=REControl(vf, n_steps=2), max_new_tokens=6, engine="reference")
+    assert torch.equal(out.new_tokens, ref.new_tokens) and len(eng.graphs) == n + 1
+
+
+def test_emulated_graphs_take_each_calls_temperature_and_top_p(tiny_models):
+    """Temperature and top_p are graph inputs: one graph per (greedy, top_k, top_p < 1), each
+    call's values replayed (tokens = the reference's for every setting)."""
+    model = tiny_models["llama"]
+    steering = SVGT(build_value_module(model, seed=77), refresh_interval=2)
+    rows = ragged_prompts(77, lengths=(5, 2, 7))
+    eng = _engine(model, max_batch=4, max_seq_len=24)
+    sizes, outs = [], []
+    for temperature, top_p in ((0.7, 0.9), (1.3, 0.6), (0.7, 0.9), (2.0, 0.95)):
+        kw = dict(steering=steering, max_new_tokens=10, temperature=temperature, top_p=top_p, top_k=40, seed=5)
+        out = generate(model, rows, engine=eng, **kw)
+        assert torch.equal(out.new_tokens, generate(model, rows, engine="reference", **kw).new_tokens)
+        sizes.append(len(eng.graphs))
+        outs.append(out.new_tokens)
+    assert sizes[0] == sizes[-1]
+    assert torch.equal(outs[0], outs[2]) and not torch.equal(outs[0], outs[1])
+
+
+def test_device_sampling_is_bit_identical_to_python_numbers():
+    """The graphs' DeviceSampling filters and samples exactly as the eager SamplingParams (on
+    CUDA too, where ATen divides by a Python number through its reciprocal)."""
+    from svgt_fast.sampling import DeviceSampling, SamplingParams, filter_logits, sample_next
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(16, 300, generator=g) * 4).to(dev)
+    seeds = torch.arange(16, device=dev)
+    dsamp = None
+    for params in (SamplingParams(0.7, 0.9, 0), SamplingParams(0.3, 0.45, 0), SamplingParams(1.0 / 3, 0.999, 0),
+                   SamplingParams(1.7, 0.1, 0), SamplingParams(0.123456789, 0.8, 0)):
+        dsamp = DeviceSampling(params, dev) if dsamp is None else dsamp.set(params)  # one object, refilled
+        assert torch.equal(filter_logits(logits, dsamp), filter_logits(logits, params))
+        for step in (0, 3):
+            assert torch.equal(sample_next(logits, dsamp, seeds, step), sample_next(logits, params, seeds, step))
+    with pytest.raises(ValueError, match="does not fit"):
+        dsamp.set(SamplingParams(0.7, 1.0, 0))  # no top-p: another graph
+
+
+def test_graph_cache_is_bounded_and_keeps_the_current_calls_graphs(tiny_models):
+    """Past its capacity the cache drops least recently used graphs, never one of the running
+    call: a call needing more graphs than the capacity keeps them all (tokens = reference)."""
+    from svgt_fast.cuda_graphs import GraphCache
+
+    model = tiny_models["llama"]
+    module = build_value_module(model, seed=78)
+    rows = ragged_prompts(78, lengths=(3, 4))
+    eng = _engine(model, max_batch=2, max_seq_len=80)
+    eng.graphs = GraphCache(capacity=3)
+    for beta in (0.1, 0.2, 0.3, 0.4, 0.5):  # each a new plan: 1 decode graph (shared) + 1 refresh graph
+        generate(model, rows, steering=SVGT(module, refresh_interval=3, refresh="bridge", beta=beta),
+                 max_new_tokens=4, engine=eng)
+        assert len(eng.graphs) <= 3
+    # exact refresh at t = 11, 22, 33, 44, 55: the 32- and 64-row graphs, plus the decode graph
+    steering = SVGT(module, refresh_interval=11)
+    eng.graphs.capacity = 2
+    out = generate(model, rows, steering=steering, max_new_tokens=60, engine=eng)
+    assert torch.equal(out.new_tokens, generate(model, rows, steering=steering, max_new_tokens=60,
+                                                engine="reference").new_tokens)
+    assert len(eng.graphs) == 3  # all of the call's graphs, one past capacity
+    generate(model, rows, steering=SVGT(module, refresh_interval=3, refresh="bridge"), max_new_tokens=4, engine=eng)
+    assert len(eng.graphs) == 2  # a later call drops the earlier call's

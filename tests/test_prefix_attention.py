@@ -130,3 +130,15 @@ def test_seq_idx_reads_mapped_cache_rows(n_splits):
     torch.testing.assert_close(mapped, ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="seq_idx"):
         prefix_attention(q3, kc, vc, q_pos, P3, bl3, kb, vb, 0.25, seq_idx=seq[:2])
+
+
+def test_rows_that_see_no_key_give_zero():
+    """Padding rows (logical index -1) see no key: 0 from the kernel and the reference, never NaN
+    (a NaN there would reach the dump slots and, through 0 * NaN, real rows)."""
+    q, kc, vc, kb, vb, P, bl = _case(6, B=2, M=3, Hq=4, Hkv=2, D=16, S=20, kmax=4)
+    q_pos = torch.tensor([[-1, 5, -1], [7, -1, 9]])
+    got, want = _run_both(q, kc, vc, kb, vb, P, bl, None, 20, 1, q_pos=q_pos)
+    pad = (q_pos < 0).to(got.device)
+    assert not torch.isnan(want).any() and not torch.isnan(got).any()
+    assert (got[pad] == 0).all() and (want[pad] == 0).all()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

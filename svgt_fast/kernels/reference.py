@@ -35,7 +35,8 @@ def prefix_attention_ref(
     prompt_len, bridge_len: [B] int (bridge_len in 0..Kmax; ignored without a bridge).
     k_bridge, v_bridge: [B, Hkv, Kmax, D] or None.
     compute_dtype: dtype of the two matmuls (fp32 default; a low-precision run gives the error
-        yardstick for kernels); the softmax is always fp32.
+        yardstick for kernels); the softmax is always fp32. A query row that sees no key (a
+        padding row of logical index < 0) gives 0.
     seq_idx: [B] int or None — query row b reads cache row seq_idx[b] of caches with any number
         of rows (a compacted sub-batch).
     Returns [B, M, Hq, D] in q's dtype.
@@ -65,7 +66,9 @@ def prefix_attention_ref(
     vals = vals.repeat_interleave(Hq // Hkv, dim=1).to(compute_dtype)
     scores = torch.einsum("bmhd,bhnd->bhmn", q.to(compute_dtype), keys).float() * scale
     scores = scores.masked_fill(~mask[:, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(compute_dtype)
+    probs = torch.softmax(scores, dim=-1)
+    # a row that sees no key (padding, logical index < 0) gives 0, as the kernel does, not NaN
+    probs = torch.where(mask.any(-1)[:, None, :, None], probs, 0.0).to(compute_dtype)
     out = torch.einsum("bhmn,bhnd->bmhd", probs, vals)
     return out.to(q.dtype)
 
