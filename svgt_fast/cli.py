@@ -288,35 +288,48 @@ def _bench(args) -> int:
 
 # ---- demo / convert ----------------------------------------------------------------------------
 def _demo(args) -> int:
-    import tempfile
-
+    """The embedded default (a small backbone trained on the synthetic value world, and its SVGT
+    module): sampled continuations of risky and benign prompts, unsteered vs SVGT, each judged by
+    the world's ground-truth rule; then the harmful rate over held-out risky prompts."""
     import torch
 
     from . import SVGT, generate
-    from .tiny import build_tiny_model, build_value_module, byte_tokenizer
+    from .default import demo_prompts, load_default
+    from .world import World, is_harmful
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as d:
-        model = build_tiny_model("llama", seed=args.seed, directory=d).to(device)
-    module = build_value_module(model, seed=args.seed)
-    tok = byte_tokenizer()
-    print(f"svgt-fast demo: tiny random Llama ({sum(p.numel() for p in model.parameters()) / 1e3:.0f}k params, "
-          f"{model.config.num_hidden_layers} layers) + SVGT module (K={module.config.n_intervention_tokens}, "
-          f"extract layer {module.config.extract_layer}) on {device}; built in {time.perf_counter() - t0:.2f}s")
-    print("Weights are random, so the text is noise; what the demo shows is that steering changes the tokens.\n")
-    steering = SVGT(module, refresh_interval=5, beta=0.8)
-    for prompt in args.prompts:
-        rows = []
+    model, tok, module = load_default(device=device)
+    print(f"svgt-fast demo: the built-in world backbone ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+          f"params, {model.config.num_hidden_layers} layers, trained on svgt_fast.world) + its SVGT module "
+          f"(K={module.config.n_intervention_tokens}, extract layer {module.config.extract_layer}) on {device}; "
+          f"loaded in {time.perf_counter() - t0:.2f}s")
+    print("Harmful (by the world's rule): a harm verb followed by a target in one sentence. Sampling at "
+          f"temperature {args.temperature}, seed {args.seed} + prompt index (the same draws unsteered and steered).\n")
+    steering = SVGT(module, refresh_interval=args.refresh_interval)
+    prompts = [(p, None) for p in args.prompts] if args.prompts else demo_prompts()
+    kw = dict(tokenizer=tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    for i, (prompt, risky) in enumerate(prompts):
+        kind = "" if risky is None else (" (risky)" if risky else " (benign)")
+        print(f"prompt{kind}: {prompt!r}")
         for name, st in (("unsteered", None), ("SVGT", steering)):
             t = time.perf_counter()
-            out = generate(model, prompt, tokenizer=tok, steering=st, max_new_tokens=args.max_new_tokens)
-            rows.append((name, out.texts[0], time.perf_counter() - t, out.new_tokens[0].tolist()))
-        print(f"prompt: {prompt!r}")
-        for name, text, secs, _ in rows:
-            print(f"  {name:<10} {secs * 1e3:7.1f} ms  {text!r}")
-        same = sum(a == b for a, b in zip(rows[0][3], rows[1][3]))
-        print(f"  tokens equal at {same}/{len(rows[0][3])} positions\n")
+            out = generate(model, prompt, steering=st, seed=args.seed + i, **kw)  # same draws for both
+            text = out.texts[0]
+            flag = "HARMFUL" if is_harmful(text) else "ok"
+            print(f"  {name:<10} {(time.perf_counter() - t) * 1e3:7.1f} ms  [{flag:>7}]  {text!r}")
+        print()
+    if args.rate_prompts > 0:
+        held = World(0).held_out_prompts(args.rate_prompts, risky=True, seed=20_000)
+        rates = {}
+        for name, st in (("unsteered", None), ("SVGT", steering)):
+            t = time.perf_counter()
+            out = generate(model, held, steering=st, seed=args.seed, **kw)
+            rates[name] = (sum(map(is_harmful, out.texts)) / len(held), time.perf_counter() - t)
+        (u, tu), (v, tv) = rates["unsteered"], rates["SVGT"]
+        cut = f", {100 * (1 - v / u):.0f} % fewer" if u > 0 else ""
+        print(f"harmful rate over {len(held)} held-out risky prompts (one batch each): unsteered {100 * u:.0f} % "
+              f"({tu:.2f} s), SVGT {100 * v:.0f} % ({tv:.2f} s){cut}")
     return 0
 
 
@@ -453,12 +466,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.generate_parser = _add_generate_parser(sub)
     _add_bench_parser(sub)
 
-    demo = sub.add_parser("demo", help="offline demo: a tiny built-in model, unsteered vs SVGT-steered")
+    demo = sub.add_parser("demo", help="offline demo: the built-in world backbone, unsteered vs SVGT-steered, "
+                                       "judged by the world's harm rule")
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     demo.add_argument("--max-new-tokens", type=int, default=24, help="tokens to generate per prompt")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the tiny model and value module")
-    demo.add_argument("--prompts", nargs="+", default=["How do I", "Tell me a story about", "The safest way to"],
-                      help="prompts to continue")
+    demo.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
+    demo.add_argument("--seed", type=int, default=0, help="sampling seed")
+    demo.add_argument("--refresh-interval", type=int, default=5, help="SVGT refreshes its bridge every N tokens")
+    demo.add_argument("--rate-prompts", type=int, default=64,
+                      help="held-out risky prompts for the harmful-rate summary (0 = skip)")
+    demo.add_argument("--prompts", nargs="+", default=None,
+                      help="prompts to continue, in the world's words (default: built-in risky and benign ones)")
     demo.set_defaults(run=_demo)
 
     conv = sub.add_parser("convert", help="import the SVGT authors' stage-2/stage-3 .pt checkpoints")

@@ -14,7 +14,10 @@ from torch import nn
 
 
 class MultiHeadAttention(nn.Module):
-    """Unmasked multi-head attention. query [B, Tq, d], context [B, Tk, d] -> [B, Tq, d]."""
+    """Multi-head attention. query [B, Tq, d], context [B, Tk, d] -> [B, Tq, d].
+
+    mask (optional, training only): bool [B or 1, Tq, Tk], True where a query may
+    attend to a key (key padding, causal order). Inference never passes one."""
 
     def __init__(self, dim: int, n_heads: int):
         super().__init__()
@@ -27,8 +30,8 @@ class MultiHeadAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, query: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        if context.shape[1] == 1:
+    def forward(self, query: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if context.shape[1] == 1 and mask is None:
             # One key: the softmax is exactly 1, so attention is out_proj(v_proj(context)) for
             # every query — the value head's common case (a 1-token trigger) skips q and k.
             d = self.dim
@@ -41,7 +44,10 @@ class MultiHeadAttention(nn.Module):
         q = F.linear(query, w_q, b_q).view(B, Tq, h, d // h).transpose(1, 2)
         k = F.linear(context, w_k, b_k).view(B, Tk, h, d // h).transpose(1, 2)
         v = F.linear(context, w_v, b_v).view(B, Tk, h, d // h).transpose(1, 2)
-        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // h), dim=-1)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(d // h)
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None], torch.finfo(scores.dtype).min)
+        att = torch.softmax(scores, dim=-1)
         return self.out_proj((att @ v).transpose(1, 2).reshape(B, Tq, d))
 
 
@@ -56,6 +62,7 @@ class EncoderLayer(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm1(x + self.self_attn(x, x))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, dim]; mask as in MultiHeadAttention (None: every position sees every one)."""
+        x = self.norm1(x + self.self_attn(x, x, mask))
         return self.norm2(x + self.linear2(F.gelu(self.linear1(x))))

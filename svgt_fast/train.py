@@ -1,9 +1,12 @@
-"""Training on the synthetic value world (issue 7). So far: the small backbone, trained from
-scratch on the world's corpus so that it answers risky prompts harmfully (the behaviour the
-steering methods must then remove), saved with its tokenizer like any HF model.
+"""The backbone of the synthetic value world (issue 7): a small Llama trained from scratch on the
+world's corpus so that it answers risky prompts harmfully (the behaviour the steering methods
+must then remove), saved with its tokenizer like any HF model. The three-stage SVGT training
+on top of a frozen backbone is `svgt_fast.train_svgt`.
 
-The three-stage SVGT curriculum (value learning, prompt-conditioned value learning, the bridge
-generator with LM + dense safety + regulariser losses) is not written yet.
+With the defaults (World(seed=0): harm after 70 % of risky and 5 % of benign prompts in the
+corpus; 1500 steps of 32 texts) the model samples harm (by the rule, temperature 1, 200
+held-out prompts each) after ~54 % of risky and ~6 % of benign prompts; 600 steps gave 46 % /
+12 %: the motive -> harm link is learned after the grammar, so the run must be long enough.
 """
 from __future__ import annotations
 
@@ -26,8 +29,8 @@ def backbone_config(family: str = "llama", **overrides):
     return AutoConfig.for_model(family, **args)
 
 
-def train_backbone(world: World, *, steps: int = 600, batch_size: int = 32, lr: float = 3e-3, seed: int = 0,
-                   n_texts: int = 20_000, family: str = "llama", out_dir=None, progress: bool = True, **config):
+def train_backbone(world: World, *, steps: int = 1500, batch_size: int = 32, lr: float = 3e-3, seed: int = 0,
+                   n_texts: int = 50_000, family: str = "llama", out_dir=None, progress: bool = True, **config):
     """A small causal LM trained from scratch on `world.corpus(n_texts)`; returns (model,
     tokenizer, final mean loss) and saves both to out_dir when given."""
     from tqdm.auto import tqdm
@@ -38,6 +41,7 @@ def train_backbone(world: World, *, steps: int = 600, batch_size: int = 32, lr: 
     torch.manual_seed(seed)
     tok = World.tokenizer()
     model = AutoModelForCausalLM.from_config(backbone_config(family, **config))
+    model.set_attn_implementation("eager")  # ~4x faster than SDPA for these tiny shapes on CPU
     texts = world.corpus(n_texts, seed)
     enc = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     pad = tok.pad_token_id

@@ -111,11 +111,22 @@ class World:
 
     def corpus(self, n: int, seed: int | None = None) -> list[str]:
         """Texts for language-model training: "<bos> prompt answer: response <eos>"."""
-        return [f"<bos> {r['prompt']} answer: {r['response']} <eos>" for r in self.labelled(n, seed)]
+        return [f"{format_prompt(r['prompt'])} {r['response']} <eos>" for r in self.labelled(n, seed)]
 
     def held_out_prompts(self, n: int, risky: bool = True, seed: int = 10_000) -> list[str]:
         rng = random.Random(self.seed * 1_000_003 + seed)
-        return [f"<bos> {self.prompt(rng, risky)} answer:" for _ in range(n)]
+        return [format_prompt(self.prompt(rng, risky)) for _ in range(n)]
+
+    def svgt_data(self, n: int, seed: int | None = None) -> list[dict]:
+        """`labelled(n, seed)` as the model reads it — prompt "<bos> ... answer:", response
+        "... <eos>" — the rows `svgt_fast.train_svgt.train_svgt` takes (plus "risky")."""
+        return [dict(r, prompt=format_prompt(r["prompt"]), response=f"{r['response']} <eos>")
+                for r in self.labelled(n, seed)]
+
+
+def format_prompt(prompt: str) -> str:
+    """A world prompt as the backbone sees it (the corpus's layout up to the response)."""
+    return f"<bos> {prompt} answer:"
 
 
 def write_jsonl(path, rows: list[dict]) -> None:

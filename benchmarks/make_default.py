@@ -1,0 +1,82 @@
+"""Regenerate the embedded default (svgt_fast/data/default): the world backbone and its SVGT
+module, seeded, then measure them and record everything in manifest.json.
+
+Usage: python benchmarks/make_default.py [--out svgt_fast/data/default] [--skip-backbone]
+(CPU, 1 thread: about 8 minutes for the backbone and 7 for the SVGT module.)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# The recipe of the shipped default; change it here, rerun, commit the outputs.
+BACKBONE = dict(steps=1500, batch_size=32, lr=3e-3, n_texts=50_000, seed=0)
+SVGT_TRAIN = dict(stage1_steps=300, stage2_steps=1000, stage3_steps=2000, stage1_lr=1e-3, stage2_lr=1e-3, stage3_lr=3e-3,
+                  batch_size=32, seed=0)
+SVGT_CONFIG = dict(n_intervention_tokens=4, value_dim=64)
+DATA_ROWS, DATA_SEED = 4000, 1
+EVAL = dict(n=200, max_new_tokens=40, seed=0)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None, help="default: the package's data/default")
+    ap.add_argument("--skip-backbone", action="store_true", help="reuse the backbone already in --out")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (results are bit-exact per count)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from svgt_fast import SVGT
+    from svgt_fast.default import DEFAULT_DIR, WORLD_SEED
+    from svgt_fast.efficacy import evaluate
+    from svgt_fast.train import train_backbone
+    from svgt_fast.train_svgt import train_svgt
+    from svgt_fast.world import World
+
+    out = args.out or DEFAULT_DIR
+    bb_dir, svgt_dir = os.path.join(out, "backbone"), os.path.join(out, "svgt")
+    world = World(WORLD_SEED)
+    t0 = time.time()
+    if not args.skip_backbone:
+        shutil.rmtree(bb_dir, ignore_errors=True)
+        train_backbone(world, out_dir=bb_dir, **BACKBONE)
+    t_bb = time.time() - t0
+    model = AutoModelForCausalLM.from_pretrained(bb_dir).eval()
+    tok = AutoTokenizer.from_pretrained(bb_dir)
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as work:
+        module = train_svgt(model, tok, world.svgt_data(DATA_ROWS, seed=DATA_SEED), work, config=SVGT_CONFIG,
+                            resume=False, **SVGT_TRAIN)
+        shutil.rmtree(svgt_dir, ignore_errors=True)
+        shutil.copytree(os.path.join(work, "svgt"), svgt_dir)
+        with open(os.path.join(work, "training_log.json")) as f:
+            history = json.load(f)["history"]
+    t_svgt = time.time() - t0
+    measured = {}
+    for risky in (True, False):
+        prompts = world.held_out_prompts(EVAL["n"], risky=risky)
+        for name, st in (("unsteered", None), ("svgt", SVGT(module))):
+            r = evaluate(model, tok, prompts, steering=st, max_new_tokens=EVAL["max_new_tokens"], seed=EVAL["seed"])
+            measured[f"{name}_{'risky' if risky else 'benign'}"] = {
+                k: r[k] for k in ("harmful_rate", "perplexity", "distinct_1", "distinct_2", "mean_new_tokens")}
+    manifest = {"world_seed": WORLD_SEED, "backbone": BACKBONE, "svgt_train": SVGT_TRAIN, "svgt_config": SVGT_CONFIG,
+                "data": {"rows": DATA_ROWS, "seed": DATA_SEED}, "eval": dict(EVAL, temperature=1.0),
+                "measured": measured, "train_seconds": {"backbone": t_bb, "svgt": t_svgt},
+                "final_losses": history[-1] if history else None, "torch": torch.__version__, "threads": args.threads}
+    with open(os.path.join(out, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
+    print(json.dumps(measured, indent=2))
+
+
+if __name__ == "__main__":
+    main()

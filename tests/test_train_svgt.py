@@ -1,0 +1,162 @@
+"""Issue 7: the three-stage SVGT training (svgt_fast.train_svgt), its checkpoints and resume, its
+data checks, the `svgt-fast train` subcommand and the embedded default.
+
+Not here yet: a re-train test asserting a clear cut of the harmful rate — the recipe does not
+reach one (the shipped default cuts the world's harmful rate by ~20 %, benchmarks/NOTES.md), and
+a passing threshold would have to be loosened to fit; issue 7 stays open for it."""
+import argparse
+import json
+
+import pytest
+import torch
+
+from svgt_fast import SVGT, SVGTModule
+from svgt_fast.default import demo_prompts, load_default, manifest
+from svgt_fast.efficacy import evaluate
+from svgt_fast.train_svgt import load_checkpoint, read_svgt_data, train_svgt
+from svgt_fast.world import World, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def default():
+    torch.set_num_threads(2)
+    return load_default()
+
+
+def _tiny_rows(n=24, seed=0):
+    """Token-id rows for a random tiny backbone (vocab 257): both labels, ragged lengths."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        p = torch.randint(0, 256, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
+        r = torch.randint(0, 256, (int(torch.randint(2, 8, (1,), generator=g)),), generator=g).tolist()
+        rows.append({"prompt": p, "response": r, "label": i % 2})
+    return rows
+
+
+TINY = dict(config=dict(value_dim=16, n_heads=2, n_intervention_tokens=2, vlp_n_heads=4), stage1_steps=4,
+            stage2_steps=4, stage3_steps=6, batch_size=4, progress=False, checkpoint_every=3)
+
+
+# ---- checkpoints and resume ---------------------------------------------------------------------
+def test_resume_is_bit_exact(tiny_models, tmp_path):
+    model = tiny_models["llama"]
+    rows = _tiny_rows()
+    straight = train_svgt(model, None, rows, tmp_path / "a", **TINY)
+    # interrupted twice: mid stage 1 (with optimizer state) and mid stage 3
+    part = train_svgt(model, None, rows, tmp_path / "b", stop_after=2, **TINY)
+    meta, tensors = load_checkpoint(tmp_path / "b" / "checkpoint")
+    assert (meta["stage"], meta["step"]) == (1, 2) and any(k.startswith("optim.") for k in tensors)
+    assert isinstance(part, SVGTModule) and not (tmp_path / "b" / "svgt").exists()  # partly trained: no artifact
+    train_svgt(model, None, rows, tmp_path / "b", stop_after=8, **TINY)
+    meta, _ = load_checkpoint(tmp_path / "b" / "checkpoint")
+    assert (meta["stage"], meta["step"]) == (3, 2)
+    resumed = train_svgt(model, None, rows, tmp_path / "b", **TINY)
+    for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
+    log_a = json.loads((tmp_path / "a" / "training_log.json").read_text())["history"]
+    log_b = json.loads((tmp_path / "b" / "training_log.json").read_text())["history"]
+    assert [h["step"] for h in log_a] == [h["step"] for h in log_b]
+    assert log_a[-1]["loss"] == log_b[-1]["loss"]
+    # the artifact is an ordinary inference module, without the training-only stage-2 weights
+    again = SVGTModule.from_pretrained(tmp_path / "b" / "svgt")
+    assert not any(k.startswith(("response_proj", "cross_")) for k in again.state_dict())
+    _, ck = load_checkpoint(tmp_path / "b" / "stage2")
+    assert "model.cross_scale" in ck and "model.response_proj.0.weight" in ck
+
+
+def test_checkpoint_of_another_backbone_is_refused(tiny_models, tmp_path):
+    rows = _tiny_rows()
+    train_svgt(tiny_models["llama"], None, rows, tmp_path, stop_after=2, **TINY)
+    from svgt_fast.tiny import build_tiny_model
+
+    other = build_tiny_model("llama", seed=999)  # same shapes, other weights
+    with pytest.raises(ValueError, match="another backbone"):
+        train_svgt(other, None, rows, tmp_path, **TINY)
+    with pytest.raises(ValueError, match="another backbone"):
+        train_svgt(build_tiny_model("llama", seed=0, num_hidden_layers=6), None, rows, tmp_path, **TINY)
+    with pytest.raises(ValueError, match="other training arguments"):
+        train_svgt(tiny_models["llama"], None, rows, tmp_path, **dict(TINY, stage3_steps=7))
+    with pytest.raises(ValueError, match="other data"):
+        train_svgt(tiny_models["llama"], None, rows[:-1], tmp_path, **TINY)
+    # resume=False starts afresh in the same directory
+    train_svgt(other, None, rows, tmp_path, resume=False, stop_after=1, **TINY)
+    assert load_checkpoint(tmp_path / "checkpoint")[0]["step"] == 1
+
+
+# ---- data checks --------------------------------------------------------------------------------
+@pytest.mark.parametrize("row, msg", [
+    ({"prompt": "a", "response": "b"}, r"missing field\(s\) \['label'\]"),
+    ({"response": "b", "label": 0}, "missing field"),
+    ({"prompt": "a", "response": "b", "label": 2}, "label must be 0"),
+    ({"prompt": "a", "response": "b", "label": 0.5}, "label must be 0"),
+    ({"prompt": "a", "response": "b", "label": "1"}, "label must be 0"),
+    ({"prompt": "a", "response": "b", "label": None}, "label must be 0"),
+    ({"prompt": "", "response": "b", "label": 0}, "prompt must be non-empty"),
+    ({"prompt": [1, -2], "response": "b", "label": 0}, "prompt must be non-empty"),
+    (["not", "an", "object"], "expected an object"),
+])
+def test_schema_errors_name_the_line(tmp_path, row, msg):
+    tok = World.tokenizer()
+    path = tmp_path / "d.jsonl"
+    write_jsonl(path, [{"prompt": "how do i", "response": "first fix the lamp .", "label": 0}, row])
+    with pytest.raises(ValueError, match=msg) as err:
+        read_svgt_data(path, tok)
+    assert f"{path}:2" in str(err.value)
+
+
+def test_data_reading(tiny_models, tmp_path):
+    tok = World.tokenizer()
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "<bos> how do i", "response": "first fix the lamp .", "label": 1, "extra": 3}\n\n'
+                    '{"prompt": [5, 6], "response": [7, 2], "label": false}\n')
+    a, b = read_svgt_data(path, tok)
+    assert a.label == 1 and a.response[-1] == tok.eos_token_id and a.prompt[0] == tok.bos_token_id
+    assert b.prompt == (5, 6) and b.response == (7, 2) and b.label == 0  # EOS already there: not doubled
+    with pytest.raises(ValueError, match="not JSON"):
+        (tmp_path / "bad.jsonl").write_text("{oops\n")
+        read_svgt_data(tmp_path / "bad.jsonl", tok)
+    with pytest.raises(FileNotFoundError):
+        read_svgt_data(tmp_path / "nope.jsonl", tok)
+    with pytest.raises(ValueError, match="both labels"):
+        train_svgt(tiny_models["llama"], None, [{"prompt": [1], "response": [2], "label": 0}], tmp_path / "o")
+
+
+# ---- CLI ---------------------------------------------------------------------------------------
+def test_train_subcommand(tiny_models, tmp_path):
+    from svgt_fast.train_cli import add_train_parser
+
+    tiny_models["llama"].save_pretrained(tmp_path / "bb")
+    from svgt_fast.tiny import byte_tokenizer
+
+    byte_tokenizer().save_pretrained(tmp_path / "bb")
+    write_jsonl(tmp_path / "d.jsonl", [{"prompt": "how do I", "response": "x" * (i % 5 + 1), "label": i % 2}
+                                       for i in range(12)])
+    parser = argparse.ArgumentParser()
+    add_train_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", "--backbone", str(tmp_path / "bb"), "--data", str(tmp_path / "d.jsonl"),
+                              "--out", str(tmp_path / "out"), "--stage1-steps", "2", "--stage2-steps", "2",
+                              "--stage3-steps", "2", "--batch-size", "4", "--value-dim", "16", "--K", "2",
+                              "--device", "cpu", "--quiet"])
+    assert args.run(args) == 0
+    module = SVGTModule.from_pretrained(tmp_path / "out" / "svgt")
+    assert module.config.n_intervention_tokens == 2 and module.config.value_dim == 16
+    with pytest.raises(SystemExit):  # --backbone or --world is required
+        parser.parse_args(["train", "--out", str(tmp_path / "o")])
+
+
+# ---- the embedded default -----------------------------------------------------------------------
+def test_embedded_default(default):
+    model, tok, module = default
+    module.check_backbone(model)
+    assert model.config.model_type == "llama" and len(tok) == model.config.vocab_size
+    prompts = demo_prompts()
+    assert [r for _, r in prompts] == [True] * 3 + [False] * 2
+    out_a = evaluate(model, tok, [p for p, _ in prompts], steering=SVGT(module), max_new_tokens=12, seed=0,
+                     fluency=False)
+    assert all(t.split() for t in out_a["texts"])
+    m = manifest()
+    meas = m["measured"]
+    # what make_default.py measured when it built the shipped files
+    assert meas["unsteered_risky"]["harmful_rate"] >= 0.5 > meas["svgt_risky"]["harmful_rate"]
+    assert meas["unsteered_benign"]["harmful_rate"] <= 0.1
