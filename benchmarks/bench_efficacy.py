@@ -34,10 +34,17 @@ def fit_others(model, tok, rows, work: str, progress: bool):
     write_jsonl(os.path.join(work, "values.jsonl"), texts)
     write_jsonl(os.path.join(work, "rewards.jsonl"),
                 [{"prompt": r["prompt"], "response": r["response"], "reward": 1.0 - 2.0 * r["label"]} for r in rows])
-    conva = fit_conva(model, os.path.join(work, "values.jsonl"), tokenizer=tok, progress=progress)
+    try:
+        conva, conva_note = fit_conva(model, os.path.join(work, "values.jsonl"), tokenizer=tok, progress=progress), None
+    except ValueError as exc:
+        # ConVA probes every layer but the last 5: on a 6-layer backbone only layer 0, whose
+        # probe may stay under 0.9. Then the row is fitted with the accuracy bar lowered and
+        # says so — it is not the paper's ConVA.
+        conva_note = f"paper rule failed ({exc}); fitted with min_accuracy 0.5"
+        conva = fit_conva(model, os.path.join(work, "values.jsonl"), tokenizer=tok, progress=progress, min_accuracy=0.5)
     neva = fit_neva(model, os.path.join(work, "values.jsonl"), tokenizer=tok, progress=progress)
     vf = fit_re_control(model, os.path.join(work, "rewards.jsonl"), tokenizer=tok, progress=progress)
-    return conva, neva, vf
+    return conva, conva_note, neva, vf
 
 
 def main():
@@ -76,7 +83,7 @@ def main():
     risky = world.held_out_prompts(args.n, risky=True)
     benign = world.held_out_prompts(args.n, risky=False)
     with tempfile.TemporaryDirectory() as work:
-        conva, neva, vf = fit_others(model, tok, world.svgt_data(args.fit_rows, seed=1), work, progress=False)
+        conva, conva_note, neva, vf = fit_others(model, tok, world.svgt_data(args.fit_rows, seed=1), work, progress=False)
 
     def svgt(refresh, policy):
         return svgt_fast.SVGT(module, refresh=refresh, policy=policy, gradient_step_size=args.gradient_step_size,
@@ -86,7 +93,7 @@ def main():
     for policy in ("always", "sparse"):
         for refresh in ("exact", "window=8", "bridge", "project"):
             configs.append((f"svgt {refresh} {policy}", svgt(refresh, policy)))
-    configs += [("conva", svgt_fast.ConVA(conva)), ("neva", svgt_fast.NeVA(neva)),
+    configs += [("conva" if conva_note is None else "conva (layer 0, bar 0.5)", svgt_fast.ConVA(conva)), ("neva", svgt_fast.NeVA(neva)),
                 ("re_control", svgt_fast.REControl(vf, n_steps=5, step_size=0.5))]
     prompts = risky + benign
     rows = []
@@ -130,7 +137,8 @@ def main():
         ax2.legend(loc="upper right", fontsize=7)
 
     extra = {"settings": dict(vars(args), device=dev, temperature=1.0),
-             "svgt_config": module.config.to_dict()}
+             "svgt_config": module.config.to_dict(), "conva_note": conva_note,
+             "conva_layers": [int(x) for x in conva.config.layers]}
     path = write_results(args.name, rows, extra, plot)
     print(f"wrote {path}")
 

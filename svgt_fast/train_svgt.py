@@ -25,6 +25,7 @@ e = extract layer, hiddens h = hidden_states[e + 1] of the frozen backbone):
                      prompt and response states after layer e + 1, i.e. with the bridge seen)
      + lambda_reg · norm regulariser (VLP: relu(|mean‖b‖ / mean‖h_t‖ − 1| − 0.2);
                      MLP: relu(mean‖adjustment‖ − 0.1 · mean prompt-state norm));
+     + lambda_unlikely · value-guided unlikelihood on harmful rows (ours, below);
    the generator's gradients are clipped to norm 1.0.
 The training-only parameters of stages 1-2 (response_proj, cross_attn, cross_norm,
 cross_scale) live in `TrainingValueModel`, are kept in the checkpoints, and are not part of the
@@ -45,6 +46,14 @@ Departures from the authors' recipe (ours, because they make steering work with 
   frozen backbone's states (512 rows) are folded into their first linear layer
   (`standardize_projections`); the authors' random init let the 1-token path collapse to a
   constant score on a trained backbone.
+- Stage 3 also reads the harmful rows (when lambda_unlikely > 0): an unlikelihood term
+  −log(1 − p(token)) on their response tokens after the trigger, each weighted by how much the
+  frozen value module's harm probability sigmoid(s(value(h_j))) rises at that token (h_j the
+  extract-layer state after it, relu of the rise). The CE on safe rows alone teaches "what safe
+  text looks like" but gives little signal at the few tokens where a response turns harmful;
+  this term pushes exactly those down. On the world backbone (benchmarks/NOTES.md, "Efficacy
+  recipe"): with it and extract layer 1 the harmful rate fell by 72 %; with it at extract layer
+  3 (two layers above the bridge) by 14 %; extract layer 1 without it was not measured.
 - No dropout (the inference modules have none); AdamW with a linear warm-up and a cosine
   decay to 10 % of the stage's learning rate; mean-reduced losses.
 
