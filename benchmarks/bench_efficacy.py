@@ -93,7 +93,8 @@ def main():
     for policy in ("always", "sparse"):
         for refresh in ("exact", "window=8", "bridge", "project"):
             configs.append((f"svgt {refresh} {policy}", svgt(refresh, policy)))
-    configs += [("conva" if conva_note is None else "conva (layer 0, bar 0.5)", svgt_fast.ConVA(conva)), ("neva", svgt_fast.NeVA(neva)),
+    conva_name = "conva" if conva_note is None else f"conva (layers {list(conva.config.layers)}, bar 0.5)"
+    configs += [(conva_name, svgt_fast.ConVA(conva)), ("neva", svgt_fast.NeVA(neva)),
                 ("re_control", svgt_fast.REControl(vf, n_steps=5, step_size=0.5))]
     prompts = risky + benign
     rows = []
