@@ -29,6 +29,9 @@ SVGT_TRAIN = dict(stage1_steps=300, stage2_steps=1000, stage3_steps=2000, stage1
 SVGT_CONFIG = dict(n_intervention_tokens=4, value_dim=64, extract_layer=1)
 DATA_ROWS, DATA_SEED = 4000, 1
 EVAL = dict(n=200, max_new_tokens=40, seed=0)
+# The inference setting the README recommends for this module: refresh where the prefix's score
+# passes 0.5 (bench_efficacy measures it and the others at n=1000).
+SPARSE = dict(policy="sparse", score_threshold=0.5, refresh_interval=1)
 
 
 def main():
@@ -69,12 +72,12 @@ def main():
     measured = {}
     for risky in (True, False):
         prompts = world.held_out_prompts(EVAL["n"], risky=risky)
-        for name, st in (("unsteered", None), ("svgt", SVGT(module))):
+        for name, st in (("unsteered", None), ("svgt", SVGT(module)), ("svgt_sparse", SVGT(module, **SPARSE))):
             r = evaluate(model, tok, prompts, steering=st, max_new_tokens=EVAL["max_new_tokens"], seed=EVAL["seed"])
             measured[f"{name}_{'risky' if risky else 'benign'}"] = {
                 k: r[k] for k in ("harmful_rate", "perplexity", "distinct_1", "distinct_2", "mean_new_tokens")}
     manifest = {"world_seed": WORLD_SEED, "backbone": BACKBONE, "svgt_train": asdict(TrainArgs(**SVGT_TRAIN)), "svgt_config": SVGT_CONFIG,
-                "data": {"rows": DATA_ROWS, "seed": DATA_SEED}, "eval": dict(EVAL, temperature=1.0),
+                "data": {"rows": DATA_ROWS, "seed": DATA_SEED}, "eval": dict(EVAL, temperature=1.0, svgt_sparse=SPARSE),
                 "measured": measured, "train_seconds": {"backbone": t_bb, "svgt": t_svgt},
                 "final_losses": history[-1] if history else None, "torch": torch.__version__, "threads": args.threads}
     with open(os.path.join(out, "manifest.json"), "w") as f:

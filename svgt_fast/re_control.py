@@ -11,7 +11,8 @@ The gradient is derived by hand (no autograd: batched, graph-capturable); the ea
 The edit is not fed back: the KV cache never holds the last layer's output.
 
 Artifact: a directory with config.json (format "svgt_fast.re_control") + model.safetensors.
-Data for `fit_re_control`: JSONL, one object per line:
+Data for `fit_re_control`: JSONL (one object per line) or a list of dicts, read by
+`svgt_fast.jsonl_rows` like the SVGT trainer's (other keys are ignored):
     {"prompt": str | [int], "response": str | [int], "reward": float}
 (text needs a tokenizer). The Bellman targets: the state after the whole response -> reward;
 every earlier response state -> gamma * V(next state) under the current value function (fitted
@@ -19,7 +20,7 @@ value iteration, the target re-computed each epoch, no gradient through it).
 """
 from __future__ import annotations
 
-import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -28,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backbone import backbone_info, backbone_parts
+from .jsonl_rows import encode_pair, read_rows
 from .value_module import WEIGHTS_FILE, load_artifact, save_artifact
 
 FORMAT_NAME = "svgt_fast.re_control"
@@ -190,33 +192,16 @@ def generate_row_recontrol(model, prompt: torch.Tensor, *, steering: REControl, 
 
 
 # ---- fit ---------------------------------------------------------------------------------------
-def _read_jsonl(path, tokenizer):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such data file: {path}")
+def read_reward_rows(data, tokenizer=None) -> list[tuple[list[int], list[int], float]]:
+    """[(prompt ids, response ids, reward)] of a JSONL path or a list of dicts (module
+    docstring); ValueError naming the row for a missing key, a non-finite reward or bad text."""
     rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                ex = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{n}: not JSON: {exc}") from None
-            if not isinstance(ex, dict) or not {"prompt", "response", "reward"} <= set(ex):
-                raise ValueError(f"{path}:{n}: needs the keys prompt, response, reward")
-            enc = []
-            for key in ("prompt", "response"):
-                v = ex[key]
-                if isinstance(v, str):
-                    if tokenizer is None:
-                        raise ValueError(f"{path}:{n}: text {key} needs a tokenizer")
-                    v = tokenizer(v, add_special_tokens=key == "prompt")["input_ids"]
-                if not isinstance(v, list) or not v or not all(isinstance(i, int) for i in v):
-                    raise ValueError(f"{path}:{n}: {key} must be non-empty text or a list of token ids")
-                enc.append(v)
-            rows.append((enc[0], enc[1], float(ex["reward"])))
-    if not rows:
-        raise ValueError(f"{path}: no examples")
+    for where, r in read_rows(data, ("prompt", "response", "reward")):
+        reward = r["reward"]
+        if type(reward) not in (int, float) or not math.isfinite(reward):
+            raise ValueError(f"{where}: reward must be a finite number, got {reward!r}")
+        prompt, response = encode_pair(r, where, tokenizer)
+        rows.append((prompt, response, float(reward)))
     return rows
 
 
@@ -242,7 +227,7 @@ def fit_re_control(model, data, *, tokenizer=None, hidden_dims=(256, 256), activ
 
     if epochs < 1 or lr <= 0 or not (0 < gamma <= 1):
         raise ValueError(f"epochs >= 1, lr > 0 and 0 < gamma <= 1 needed, got {epochs}, {lr}, {gamma}")
-    rows = _read_jsonl(data, tokenizer) if isinstance(data, (str, os.PathLike)) else list(data)
+    rows = read_reward_rows(data, tokenizer)
     info = backbone_info(model)
     torch.manual_seed(seed)
     vf = REControlValue(REControlConfig(info.hidden_size, list(hidden_dims), activation, info.model_type))

@@ -39,6 +39,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--lambda-reg", type=float, default=d.lambda_reg, help="stage 3: bridge norm regulariser weight")
     p.add_argument("--lambda-unlikely", type=float, default=d.lambda_unlikely,
                    help="stage 3: value-guided unlikelihood weight on harmful rows (0 = the authors' recipe)")
+    p.add_argument("--trigger-positions", choices=("all", "sampled"), default=d.trigger_positions,
+                   help="stage 2: the trigger-path BCE reads every prefix ('all') or one sampled per row")
     p.add_argument("--lambda-trigger", type=float, default=d.lambda_trigger,
                    help="stage 2: weight of the trigger-path BCE (0 = the authors' recipe)")
     p.add_argument("--response-trigger-p", type=float, default=d.response_trigger_p,
@@ -92,7 +94,7 @@ def run(args) -> int:
                stage2_lr=args.stage2_lr, stage3_lr=args.stage3_lr, batch_size=args.batch_size,
                lambda_ce=args.lambda_ce, lambda_safe=args.lambda_safe, lambda_reg=args.lambda_reg,
                lambda_trigger=args.lambda_trigger, lambda_unlikely=args.lambda_unlikely,
-               response_trigger_p=args.response_trigger_p,
+               trigger_positions=args.trigger_positions, response_trigger_p=args.response_trigger_p,
                gradient_step_size=args.gradient_step_size, seed=args.seed, resume=args.resume,
                progress=not args.quiet, checkpoint_every=args.checkpoint_every)
     print(f"wrote {os.path.join(args.out, 'svgt')} (use: svgt_fast.SVGTModule.from_pretrained(...))")

@@ -80,6 +80,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import backbone_info, backbone_parts
+from .jsonl_rows import encode_pair, read_rows
 from .layers import MultiHeadAttention
 from .reference import _run_layers
 from .value_module import SVGTConfig, SVGTModule, _delta_from, _EncoderStack, load_artifact, save_artifact
@@ -104,6 +105,7 @@ class TrainArgs:
     lambda_reg: float = 0.1
     lambda_trigger: float = 1.0
     lambda_unlikely: float = 1.0
+    trigger_positions: str = "all"
     response_trigger_p: float = 0.5
     gradient_step_size: float = 1.0
     grad_clip: float = 1.0
@@ -123,6 +125,8 @@ class TrainArgs:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
             raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
+        if self.trigger_positions not in ("sampled", "all"):
+            raise ValueError(f"trigger_positions must be 'sampled' or 'all', got {self.trigger_positions!r}")
         if not 0.0 <= self.response_trigger_p <= 1.0:
             raise ValueError(f"response_trigger_p must lie in [0, 1], got {self.response_trigger_p}")
 
@@ -143,48 +147,18 @@ class Example:
 
 def read_svgt_data(data, tokenizer=None, append_eos: bool = True) -> list[Example]:
     """Rows (JSONL path or list of dicts; schema in the module docstring) -> token examples.
-    Raises ValueError naming the row (file:line) for a missing field, a bad label or text that
-    cannot be encoded."""
-    if isinstance(data, (str, os.PathLike)):
-        path = os.fspath(data)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no such data file: {path}")
-        rows = []
-        with open(path) as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append((f"{path}:{n}", json.loads(line)))
-                    except json.JSONDecodeError as exc:
-                        raise ValueError(f"{path}:{n}: not JSON: {exc}") from None
-    else:
-        rows = [(f"row {i}", r) for i, r in enumerate(data)]
+    Raises ValueError naming the row (file:line, or "row i") for a missing field, a bad label or
+    text that cannot be encoded (svgt_fast.jsonl_rows)."""
     eos = getattr(tokenizer, "eos_token_id", None) if append_eos else None
     out = []
-    for where, r in rows:
-        if not isinstance(r, dict):
-            raise ValueError(f"{where}: expected an object with prompt, response, label, got {type(r).__name__}")
-        missing = [k for k in ("prompt", "response", "label") if k not in r]
-        if missing:
-            raise ValueError(f"{where}: missing field(s) {missing} (schema: prompt, response, label)")
+    for where, r in read_rows(data, ("prompt", "response", "label")):
         label = r["label"]
         if type(label) not in (int, bool) or label not in (0, 1):
             raise ValueError(f"{where}: label must be 0 (safe) or 1 (harmful), got {label!r}")
-        ids = []
-        for key in ("prompt", "response"):
-            v = r[key]
-            if isinstance(v, str):
-                if tokenizer is None:
-                    raise ValueError(f"{where}: text {key} needs a tokenizer")
-                v = tokenizer(v, add_special_tokens=key == "prompt")["input_ids"]
-            if not isinstance(v, list) or not v or not all(type(i) is int and i >= 0 for i in v):
-                raise ValueError(f"{where}: {key} must be non-empty text or a non-empty list of token ids")
-            ids.append(v)
-        if eos is not None and ids[1][-1] != eos:
-            ids[1] = ids[1] + [eos]
-        out.append(Example(tuple(ids[0]), tuple(ids[1]), int(label)))
-    if not out:
-        raise ValueError("no training rows")
+        prompt, response = encode_pair(r, where, tokenizer)
+        if eos is not None and response[-1] != eos:
+            response = response + [eos]
+        out.append(Example(tuple(prompt), tuple(response), int(label)))
     return out
 
 
@@ -312,8 +286,15 @@ def _stage12_loss(tm: TrainingValueModel, model, b: _Batch, stage: int, args: Tr
         # Both kinds of trigger every row: the last prompt token (the prefill bridge reads it)
         # and the row's sampled trigger (a response token for response_trigger_p of the rows).
         rows = torch.arange(h.shape[0], device=h.device)
-        h_t = torch.cat([h[rows, b.P - 1], h[rows, b.trigger]])
-        out["trigger_bce"] = F.binary_cross_entropy_with_logits(disc(tm.module.value(h_t)), b.label.repeat(2))
+        if args.trigger_positions == "all":
+            # Every position from the last prompt token to the response's last: a value per prefix.
+            valid = torch.cat([torch.ones_like(rv[:, :1]), rv], 1)  # [B, 1 + Rmax]
+            states = torch.cat([h[rows, b.P - 1][:, None], resp], 1)[valid]
+            logit_t = disc(tm.module.value(states))
+            out["trigger_bce"] = F.binary_cross_entropy_with_logits(logit_t, b.label[:, None].expand_as(valid)[valid])
+        else:
+            h_t = torch.cat([h[rows, b.P - 1], h[rows, b.trigger]])
+            out["trigger_bce"] = F.binary_cross_entropy_with_logits(disc(tm.module.value(h_t)), b.label.repeat(2))
         loss = loss + args.lambda_trigger * out["trigger_bce"]
     out["loss"] = loss
     return out
@@ -488,6 +469,10 @@ def load_checkpoint(directory) -> tuple[dict, dict]:
     return load_artifact(directory, FORMAT_NAME, "the training state's safetensors weights")
 
 
+# Arguments added after checkpoints were written: the value that reproduces what those ran.
+ARGS_BEFORE_THEY_EXISTED = {"trigger_positions": "sampled"}
+
+
 def _check_resume(meta: dict, expect: dict, directory: str) -> None:
     if meta["backbone"] != expect["backbone"]:
         raise ValueError(f"{directory} was trained on another backbone ({meta['backbone']}, this one is "
@@ -496,8 +481,9 @@ def _check_resume(meta: dict, expect: dict, directory: str) -> None:
         diff = sorted(k for k in expect["svgt_config"] if meta["svgt_config"].get(k) != expect["svgt_config"][k])
         raise ValueError(f"{directory} holds a value module of another config (fields {diff} differ); "
                          f"use another out_dir or resume=False")
-    if meta["args"] != expect["args"]:
-        diff = sorted(k for k in expect["args"] if meta["args"].get(k) != expect["args"][k])
+    saved_args = {**ARGS_BEFORE_THEY_EXISTED, **meta["args"]}
+    if saved_args != expect["args"]:
+        diff = sorted(k for k in expect["args"] if saved_args.get(k) != expect["args"][k])
         raise ValueError(f"{directory} was written with other training arguments ({diff} differ); "
                          f"pass the same ones to resume, or resume=False")
     if meta["data"] != expect["data"]:
@@ -509,6 +495,7 @@ def train_svgt(model, tokenizer, data, out_dir, *, config: dict | None = None, s
                stage2_steps: int = 1000, stage3_steps: int = 2000, stage1_lr: float = 1e-3, stage2_lr: float = 1e-3,
                stage3_lr: float = 3e-3, batch_size: int = 32, lambda_ce: float = 1.0, lambda_safe: float = 0.5,
                lambda_reg: float = 0.1, lambda_trigger: float = 1.0, lambda_unlikely: float = 1.0,
+               trigger_positions: str = "all",
                response_trigger_p: float = 0.5,
                gradient_step_size: float = 1.0, grad_clip: float = 1.0, weight_decay: float = 0.01, seed: int = 0,
                resume: bool = True, progress: bool = True, device=None, checkpoint_every: int = 200,
@@ -529,8 +516,9 @@ def train_svgt(model, tokenizer, data, out_dir, *, config: dict | None = None, s
     args = TrainArgs(stage1_steps=stage1_steps, stage2_steps=stage2_steps, stage3_steps=stage3_steps,
                      stage1_lr=stage1_lr, stage2_lr=stage2_lr, stage3_lr=stage3_lr, batch_size=batch_size,
                      lambda_ce=lambda_ce, lambda_safe=lambda_safe, lambda_reg=lambda_reg, lambda_trigger=lambda_trigger,
-                     lambda_unlikely=lambda_unlikely, response_trigger_p=response_trigger_p,
-                     gradient_step_size=gradient_step_size, grad_clip=grad_clip, weight_decay=weight_decay, seed=seed)
+                     lambda_unlikely=lambda_unlikely,
+                     trigger_positions=trigger_positions,
+                     response_trigger_p=response_trigger_p, gradient_step_size=gradient_step_size, grad_clip=grad_clip, weight_decay=weight_decay, seed=seed)
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     if device is not None:

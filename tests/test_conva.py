@@ -89,8 +89,9 @@ def test_engine_equals_hooked_reference(model8, vectors, attention):
     fast = generate(model8, rows, steering=steering, max_new_tokens=8, engine=eng)
     ref = generate(model8, rows, steering=steering, max_new_tokens=8, engine="reference")
     assert torch.equal(fast.new_tokens, ref.new_tokens)
-    plain = generate(model8, rows, max_new_tokens=8, engine=eng)
-    assert (plain.new_tokens != fast.new_tokens).any()  # the edit acts
+    if attention == "torch":  # the edit acts (backend-independent; the interpreter run is slow)
+        plain = generate(model8, rows, max_new_tokens=8, engine=eng)
+        assert (plain.new_tokens != fast.new_tokens).any()
 
 
 def test_mixed_with_svgt_and_unsteered(model8, vectors):

@@ -89,13 +89,14 @@ def test_mixed_with_other_methods(tiny_models, neurons):
     sv = SVGT(build_value_module(model, seed=96), refresh_interval=2, refresh="bridge")
     steerings = [strong, None, sv, weak, strong]
     rows = ragged_prompts(96, lengths=(6, 4, 7, 5, 3))
+    alone = [generate(model, [row], steering=st, max_new_tokens=8, engine="reference").new_tokens[0].tolist()
+             for row, st in zip(rows, steerings)]
     for attention in ("torch", "triton"):
-        eng = Engine(model, max_batch=8, max_seq_len=32, attention=attention)
+        eng = Engine(model, max_batch=len(rows), max_seq_len=32, attention=attention)
         eng.graph_emulation = True
         mixed = generate(model, rows, steering=steerings, max_new_tokens=8, engine=eng)
-        for i, (row, st) in enumerate(zip(rows, steerings)):
-            alone = generate(model, [row], steering=st, max_new_tokens=8, engine="reference")
-            assert mixed.new_tokens[i].tolist() == alone.new_tokens[0].tolist(), (attention, i)
+        for i in range(len(rows)):
+            assert mixed.new_tokens[i].tolist() == alone[i], (attention, i)
 
 
 def test_bad_input(tiny_models, neurons, tmp_path):

@@ -85,7 +85,7 @@ def test_fit_learns_the_training_rewards_and_round_trips(tiny_models, tmp_path):
     """The Bellman fit (targets, optimisation, artifact) works: on its training data every end
     state gets the sign of its reward and values propagate back along each response. Whether it
     generalises is measured on a trained backbone (issue 7's efficacy benchmark), not here."""
-    from svgt_fast.re_control import _read_jsonl, _states
+    from svgt_fast.re_control import _states, read_reward_rows
 
     model = tiny_models["llama"]
     data = tmp_path / "data.jsonl"
@@ -93,7 +93,7 @@ def test_fit_learns_the_training_rewards_and_round_trips(tiny_models, tmp_path):
     vf = fit_re_control(model, str(data), hidden_dims=[64], epochs=100, lr=3e-3, progress=False,
                         out_dir=tmp_path / "rc")
     assert vf.last_loss < 0.1
-    traj = _states(model, _read_jsonl(str(data), None))
+    traj = _states(model, read_reward_rows(str(data)))
     with torch.no_grad():
         for h, r in traj:
             v = vf(h)
@@ -119,6 +119,18 @@ def test_bad_input(tiny_models, tmp_path):
     bad.write_text('{"prompt": [1, 2], "response": [3]}\n')
     with pytest.raises(ValueError, match="reward"):
         fit_re_control(model, str(bad), progress=False)
+    # The reader shared with the SVGT trainer (svgt_fast.jsonl_rows): rows named, ids checked.
+    from svgt_fast.re_control import read_reward_rows
+    for row, msg in (({"prompt": [1], "response": [2], "reward": float("nan")}, "finite"),
+                     ({"prompt": [1], "response": [2], "reward": "1"}, "finite"),
+                     ({"prompt": [1, -2], "response": [2], "reward": 1.0}, "prompt must be non-empty"),
+                     ({"prompt": "a b", "response": [2], "reward": 1.0}, "needs a tokenizer")):
+        with pytest.raises(ValueError, match=msg) as err:
+            read_reward_rows([{"prompt": [1], "response": [2], "reward": 0.5}, row])
+        assert "row 1" in str(err.value)
+    with pytest.raises(ValueError, match="no rows"):
+        read_reward_rows([])
+    assert read_reward_rows([{"prompt": [1], "response": [2, 3], "reward": 1, "note": "x"}]) == [([1], [2, 3], 1.0)]
     with pytest.raises(FileNotFoundError):
         fit_re_control(model, str(tmp_path / "none.jsonl"), progress=False)
     with pytest.raises(FileNotFoundError):

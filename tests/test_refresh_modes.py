@@ -28,11 +28,15 @@ def test_engine_equals_mode_reference(tiny_model, refresh):
     assert fast.new_tokens.tolist() == _cached(tiny_model, rows, steering)
 
 
-@pytest.mark.parametrize("refresh", ["window=3", "project"])
-def test_triton_engine_equals_mode_reference(tiny_model, refresh):
-    """Our kernels (fused norm, RoPE + cache write, prefix attention) under each static refresh."""
+@pytest.mark.parametrize("fam, refresh", [("llama", "window=3"), ("qwen3", "window=3"),
+                                          ("mistral", "project"), ("qwen2", "project")])
+def test_triton_engine_equals_mode_reference(tiny_models, fam, refresh):
+    """Our kernels (fused norm, RoPE + cache write, prefix attention) under each static refresh.
+    Each family's kernel variant (plain, q/k-norm, sliding window, qkv bias) runs once and each
+    mode twice: the interpreter costs ~30 s a run, and the mode logic is family-independent."""
     from svgt_fast import Engine
 
+    tiny_model = tiny_models[fam]
     steering = SVGT(build_value_module(tiny_model, seed=44), refresh_interval=3, refresh=refresh)
     rows = ragged_prompts(44, lengths=(6, 3))
     eng = Engine(tiny_model, max_batch=2, max_seq_len=32, attention="triton")

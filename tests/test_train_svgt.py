@@ -40,16 +40,17 @@ TINY = dict(config=dict(value_dim=16, n_heads=2, n_intervention_tokens=2, vlp_n_
 def test_resume_is_bit_exact(tiny_models, tmp_path):
     model = tiny_models["llama"]
     rows = _tiny_rows()
-    straight = train_svgt(model, None, rows, tmp_path / "a", **TINY)
+    tiny = dict(TINY, trigger_positions="all")
+    straight = train_svgt(model, None, rows, tmp_path / "a", **tiny)
     # interrupted twice: mid stage 1 (with optimizer state) and mid stage 3
-    part = train_svgt(model, None, rows, tmp_path / "b", stop_after=2, **TINY)
+    part = train_svgt(model, None, rows, tmp_path / "b", stop_after=2, **tiny)
     meta, tensors = load_checkpoint(tmp_path / "b" / "checkpoint")
     assert (meta["stage"], meta["step"]) == (1, 2) and any(k.startswith("optim.") for k in tensors)
     assert isinstance(part, SVGTModule) and not (tmp_path / "b" / "svgt").exists()  # partly trained: no artifact
-    train_svgt(model, None, rows, tmp_path / "b", stop_after=8, **TINY)
+    train_svgt(model, None, rows, tmp_path / "b", stop_after=8, **tiny)
     meta, _ = load_checkpoint(tmp_path / "b" / "checkpoint")
     assert (meta["stage"], meta["step"]) == (3, 2)
-    resumed = train_svgt(model, None, rows, tmp_path / "b", **TINY)
+    resumed = train_svgt(model, None, rows, tmp_path / "b", **tiny)
     for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), k
     log_a = json.loads((tmp_path / "a" / "training_log.json").read_text())["history"]
@@ -77,9 +78,44 @@ def test_checkpoint_of_another_backbone_is_refused(tiny_models, tmp_path):
         train_svgt(tiny_models["llama"], None, rows, tmp_path, **dict(TINY, stage3_steps=7))
     with pytest.raises(ValueError, match="other data"):
         train_svgt(tiny_models["llama"], None, rows[:-1], tmp_path, **TINY)
+    # A checkpoint written before trigger_positions existed resumes as "sampled" (what it ran).
+    meta_path = tmp_path / "checkpoint" / "config.json"
+    saved = json.loads(meta_path.read_text())
+    del saved["config"]["args"]["trigger_positions"]
+    meta_path.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"other training arguments \(\['trigger_positions'\]"):
+        train_svgt(tiny_models["llama"], None, rows, tmp_path, **dict(TINY, trigger_positions="all"))
+    train_svgt(tiny_models["llama"], None, rows, tmp_path, stop_after=1, **dict(TINY, trigger_positions="sampled"))
+    assert load_checkpoint(tmp_path / "checkpoint")[0]["step"] == 3
     # resume=False starts afresh in the same directory
     train_svgt(other, None, rows, tmp_path, resume=False, stop_after=1, **TINY)
     assert load_checkpoint(tmp_path / "checkpoint")[0]["step"] == 1
+
+
+# ---- the stage-2 trigger-path loss ---------------------------------------------------------------
+def test_trigger_bce_reads_every_prefix(tiny_models):
+    """trigger_positions="all": the 1-token value path is fitted at the last prompt token and at
+    every response token of every row (padding excluded), each against its row's label."""
+    import torch.nn.functional as F
+
+    from svgt_fast.train_svgt import TrainArgs, TrainingValueModel, _lower, _make_batch, _stage12_loss, read_svgt_data
+    from svgt_fast.value_module import SVGTConfig
+
+    model = tiny_models["llama"]
+    examples = read_svgt_data(_tiny_rows(), None)
+    args = TrainArgs(batch_size=5, trigger_positions="all")
+    torch.manual_seed(0)
+    tm = TrainingValueModel(SVGTModule(SVGTConfig.for_backbone(model.config, **TINY["config"])))
+    b = _make_batch(examples, list(range(len(examples))), 2, 0, args, 0, "cpu")
+    assert len(set(b.R.tolist())) > 1  # ragged: padding must be left out
+    got = _stage12_loss(tm, model, b, 2, args)["trigger_bce"]
+    h = _lower(model, b.ids, tm.module.config.extract_layer).float()
+    terms = []
+    for r in range(5):
+        P, R = int(b.P[r]), int(b.R[r])
+        logit = tm.module.discriminator(tm.module.value(h[r, P - 1:P + R]))
+        terms.append(F.binary_cross_entropy_with_logits(logit, b.label[r].expand(R + 1), reduction="none"))
+    torch.testing.assert_close(got, torch.cat(terms).mean())
 
 
 # ---- data checks --------------------------------------------------------------------------------
