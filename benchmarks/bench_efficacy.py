@@ -7,11 +7,12 @@ prompts (never a learned discriminator), perplexity of the benign continuations 
 UNSTEERED backbone, distinct-1/2 over all continuations, and the wall time of the same
 generate call relative to unsteered (after a warm-up; the device is in the JSON). Rows:
 unsteered; SVGT for each refresh mode (exact, window=8, bridge, project) and each policy
-(always, sparse); ConVA, NeVA and RE-Control fitted with their own pipelines from the world's
+(always with the module's defaults; sparse at threshold 0.5, reading the score every step —
+the recommended setting, see README); ConVA, NeVA and RE-Control fitted with their own pipelines from the world's
 labelled rows (the same rows the SVGT module was trained on).
 
 Default backbone and module: the package's embedded default (svgt_fast.default).
-Usage: python benchmarks/bench_efficacy.py [--n 200] [--backbone DIR --svgt DIR] [--quick]
+Usage: python benchmarks/bench_efficacy.py [--n 1000] [--backbone DIR --svgt DIR] [--quick]
 Writes benchmarks/results/efficacy_world.json + .png ($OUT when set).
 """
 from __future__ import annotations
@@ -49,14 +50,16 @@ def fit_others(model, tok, rows, work: str, progress: bool):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=200, help="prompts per class (risky, benign)")
+    ap.add_argument("--n", type=int, default=1000, help="prompts per class (risky, benign)")
     ap.add_argument("--max-new-tokens", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--backbone", default=None, help="HF model dir (default: the embedded default)")
     ap.add_argument("--svgt", default=None, help="SVGT module dir (default: the embedded default)")
     ap.add_argument("--fit-rows", type=int, default=2000, help="labelled world rows for ConVA / NeVA / RE-Control")
     ap.add_argument("--gradient-step-size", type=float, default=1.0)
-    ap.add_argument("--score-threshold", type=float, default=0.0, help="sparse policy threshold")
+    ap.add_argument("--score-threshold", type=float, default=0.5, help="sparse policy threshold")
+    ap.add_argument("--sparse-interval", type=int, default=1,
+                    help="refresh_interval of the sparse rows (the score is read at every refresh)")
     ap.add_argument("--quick", action="store_true", help="32 prompts per class, 400 fit rows (harness check)")
     ap.add_argument("--name", default="efficacy_world")
     args = ap.parse_args()
@@ -86,8 +89,10 @@ def main():
         conva, conva_note, neva, vf = fit_others(model, tok, world.svgt_data(args.fit_rows, seed=1), work, progress=False)
 
     def svgt(refresh, policy):
-        return svgt_fast.SVGT(module, refresh=refresh, policy=policy, gradient_step_size=args.gradient_step_size,
-                              score_threshold=args.score_threshold)
+        if policy == "sparse":
+            return svgt_fast.SVGT(module, refresh=refresh, policy=policy, gradient_step_size=args.gradient_step_size,
+                                  score_threshold=args.score_threshold, refresh_interval=args.sparse_interval)
+        return svgt_fast.SVGT(module, refresh=refresh, policy=policy, gradient_step_size=args.gradient_step_size)
 
     configs = [("unsteered", None)]
     for policy in ("always", "sparse"):

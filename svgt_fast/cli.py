@@ -306,7 +306,10 @@ def _demo(args) -> int:
           f"loaded in {time.perf_counter() - t0:.2f}s")
     print("Harmful (by the world's rule): a harm verb followed by a target in one sentence. Sampling at "
           f"temperature {args.temperature}, seed {args.seed} + prompt index (the same draws unsteered and steered).\n")
-    steering = SVGT(module, refresh_interval=args.refresh_interval)
+    steering = SVGT(module, refresh_interval=args.refresh_interval, policy=args.policy,
+                    score_threshold=args.score_threshold)
+    print(f"SVGT: policy {args.policy}" + (f", threshold {args.score_threshold}" if args.policy == "sparse" else "")
+          + f", refresh every {args.refresh_interval} token(s)\n")
     prompts = [(p, None) for p in args.prompts] if args.prompts else demo_prompts()
     kw = dict(tokenizer=tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     for i, (prompt, risky) in enumerate(prompts):
@@ -472,7 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=int, default=24, help="tokens to generate per prompt")
     demo.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
     demo.add_argument("--seed", type=int, default=0, help="sampling seed")
-    demo.add_argument("--refresh-interval", type=int, default=5, help="SVGT refreshes its bridge every N tokens")
+    # The recommended setting for the default module (benchmarks/NOTES.md, "Efficacy recipe"):
+    # read the value score every token, steer a row only while it exceeds 0.5.
+    demo.add_argument("--policy", choices=("sparse", "always"), default="sparse",
+                      help="sparse: a row is steered only while its value score exceeds --score-threshold")
+    demo.add_argument("--score-threshold", type=float, default=0.5, help="sparse policy threshold")
+    demo.add_argument("--refresh-interval", type=int, default=1, help="SVGT refreshes its bridge every N tokens")
     demo.add_argument("--rate-prompts", type=int, default=64,
                       help="held-out risky prompts for the harmful-rate summary (0 = skip)")
     demo.add_argument("--prompts", nargs="+", default=None,

@@ -38,10 +38,16 @@ Departures from the authors' recipe (ours, because they make steering work with 
   generator must have seen such triggers. The CE then counts only the tokens after the
   trigger — the bridge made there cannot have influenced the earlier ones at inference.
 - Stage 2 also trains the inference path itself (`lambda_trigger`): BCE of
-  discriminator(value(h_j)) against the row's label for one trigger j per row (last prompt
-  token or a response token). In the authors' recipe the 1-token path (prompt_proj on the
-  trigger) is never fitted to labels, so the score s that gates δz and the sparse policy is
-  uncalibrated; with this term s > 0 reads "this prefix is headed to (or already in) harm".
+  discriminator(value(h_j)) against the row's label at every prefix j of the row — the last
+  prompt token and each response token (`trigger_positions="all"`, the default; "sampled",
+  the last prompt token plus one random j per row, is what checkpoints written before the
+  option existed used). In the authors' recipe the 1-token path (prompt_proj on the trigger)
+  is never fitted to labels, so the score s that gates δz and the sparse policy is
+  uncalibrated; with this term s > 0 reads
+  "this prefix is headed to (or already in) harm". Every prefix rather than one: on the world
+  backbone (N=1000 held-out prompts, benchmarks/NOTES.md) the sparse policy at threshold 0.5
+  then cuts the harmful rate by 68 % at +1.5 % benign perplexity, against 67 % at +21 % for
+  the "sampled" module under the always policy.
 - prompt_proj and response_proj start standardised: the per-dimension mean and std of the
   frozen backbone's states (512 rows) are folded into their first linear layer
   (`standardize_projections`); the authors' random init let the 1-token path collapse to a
@@ -52,8 +58,10 @@ Departures from the authors' recipe (ours, because they make steering work with 
   extract-layer state after it, relu of the rise). The CE on safe rows alone teaches "what safe
   text looks like" but gives little signal at the few tokens where a response turns harmful;
   this term pushes exactly those down. On the world backbone (benchmarks/NOTES.md, "Efficacy
-  recipe"): with it and extract layer 1 the harmful rate fell by 72 %; with it at extract layer
-  3 (two layers above the bridge) by 14 %; extract layer 1 without it was not measured.
+  recipe"), extract layer 1: with it the harmful rate fell by 67 % (N=1000, "sampled"
+  triggers, always policy), without it by about half (to 27.5 %, N=200); at extract layer 3
+  (two layers above the bridge) with it by 14 %. Its cost: the steered model ends responses
+  earlier (EOS after the first sentence more often), most of the benign-perplexity rise.
 - No dropout (the inference modules have none); AdamW with a linear warm-up and a cosine
   decay to 10 % of the stage's learning rate; mean-reduced losses.
 

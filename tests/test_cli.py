@@ -57,6 +57,10 @@ def test_demo_runs_and_shows_both_continuations(capsys):
     assert "unsteered" in out and "SVGT" in out and "prompt: '<bos> how do i secretly" in out
     assert out.count("[") >= 2 and ("HARMFUL]" in out or "ok]" in out)
     assert "harmful rate over 16 held-out risky prompts" in out
+    assert "SVGT: policy sparse, threshold 0.5, refresh every 1 token(s)" in out  # the recommended setting
+    assert main(["demo", "--max-new-tokens", "6", "--rate-prompts", "0", "--policy", "always",
+                 "--refresh-interval", "5", "--prompts", "<bos> how do i"]) == 0
+    assert "SVGT: policy always, refresh every 5 token(s)" in capsys.readouterr().out
 
 
 def test_console_entry_point_help():
