@@ -40,6 +40,27 @@ class BackboneInfo:
             )
 
 
+def check_fits(what: str, model: nn.Module, *, hidden_size: int, num_layers: int | None = None,
+               model_type: str | None = None, intermediate_size: int | None = None) -> BackboneInfo:
+    """Raise ValueError naming every way an artifact (`what`: "value module", "NeVA artifact (neurons)", ...)
+    built for another backbone does not fit `model`; None skips a field. Returns the model's info."""
+    info = backbone_info(model)
+    problems = []
+    if hidden_size != info.hidden_size:
+        problems.append(f"hidden size {hidden_size} != backbone's {info.hidden_size}")
+    if intermediate_size is not None:
+        inter = int(getattr(model.config, "intermediate_size", -1))
+        if intermediate_size != inter:
+            problems.append(f"MLP size {intermediate_size} != backbone's {inter}")
+    if num_layers is not None and num_layers != info.num_layers:
+        problems.append(f"built for {num_layers} layers, backbone has {info.num_layers}")
+    if model_type is not None and model_type != info.model_type:
+        problems.append(f"built for model_type {model_type!r}, backbone is {info.model_type!r}")
+    if problems:
+        raise ValueError(f"{what} does not fit this backbone: " + "; ".join(problems))
+    return info
+
+
 def backbone_parts(model: nn.Module):
     """Return (inner_model, layers, lm_head) of a *ForCausalLM model, with a clear error otherwise."""
     inner = getattr(model, "model", None)

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .backbone import backbone_info, backbone_parts
+from .backbone import backbone_info, backbone_parts, check_fits
 from .value_module import WEIGHTS_FILE, load_artifact, save_artifact
 
 FORMAT_NAME = "svgt_fast.conva"
@@ -76,17 +76,9 @@ class ConVAVectors:
         return self
 
     def check_backbone(self, model) -> None:
-        info = backbone_info(model)
         c = self.config
-        problems = []
-        if c.hidden_size != info.hidden_size:
-            problems.append(f"hidden size {c.hidden_size} != backbone's {info.hidden_size}")
-        if c.num_backbone_layers != info.num_layers:
-            problems.append(f"built for {c.num_backbone_layers} layers, backbone has {info.num_layers}")
-        if c.backbone_model_type is not None and c.backbone_model_type != info.model_type:
-            problems.append(f"built for model_type {c.backbone_model_type!r}, backbone is {info.model_type!r}")
-        if problems:
-            raise ValueError("ConVA vectors do not fit this backbone: " + "; ".join(problems))
+        check_fits("ConVA artifact (vectors)", model, hidden_size=c.hidden_size, num_layers=c.num_backbone_layers,
+                   model_type=c.backbone_model_type)
 
     def save_pretrained(self, directory) -> None:
         save_artifact(directory, FORMAT_NAME, asdict(self.config),

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .backbone import backbone_info, backbone_parts
+from .backbone import backbone_info, backbone_parts, check_fits
 from .value_module import WEIGHTS_FILE, load_artifact, save_artifact
 
 FORMAT_NAME = "svgt_fast.neva"
@@ -62,18 +62,9 @@ class NeVANeurons:
         return out
 
     def check_backbone(self, model) -> None:
-        info = backbone_info(model)
-        inter = int(getattr(model.config, "intermediate_size", -1))
         c = self.config
-        problems = []
-        if c.hidden_size != info.hidden_size:
-            problems.append(f"hidden size {c.hidden_size} != backbone's {info.hidden_size}")
-        if c.intermediate_size != inter:
-            problems.append(f"MLP size {c.intermediate_size} != backbone's {inter}")
-        if c.num_backbone_layers != info.num_layers:
-            problems.append(f"built for {c.num_backbone_layers} layers, backbone has {info.num_layers}")
-        if problems:
-            raise ValueError("NeVA neurons do not fit this backbone: " + "; ".join(problems))
+        check_fits("NeVA artifact (neurons)", model, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                   num_layers=c.num_backbone_layers)
 
     def save_pretrained(self, directory) -> None:
         save_artifact(directory, FORMAT_NAME, asdict(self.config),

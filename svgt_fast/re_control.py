@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backbone import backbone_info, backbone_parts
+from .backbone import backbone_info, backbone_parts, check_fits
 from .jsonl_rows import encode_pair, read_rows
 from .value_module import WEIGHTS_FILE, load_artifact, save_artifact
 
@@ -107,15 +107,8 @@ class REControlValue(nn.Module):
 
     # -- artifact and fit ----------------------------------------------------------------------
     def check_backbone(self, model) -> None:
-        info = backbone_info(model)
         c = self.config
-        problems = []
-        if c.hidden_size != info.hidden_size:
-            problems.append(f"hidden size {c.hidden_size} != backbone's {info.hidden_size}")
-        if c.backbone_model_type is not None and c.backbone_model_type != info.model_type:
-            problems.append(f"built for model_type {c.backbone_model_type!r}, backbone is {info.model_type!r}")
-        if problems:
-            raise ValueError("RE-Control value function does not fit this backbone: " + "; ".join(problems))
+        check_fits("RE-Control value function", model, hidden_size=c.hidden_size, model_type=c.backbone_model_type)
 
     def save_pretrained(self, directory) -> None:
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}

@@ -275,19 +275,11 @@ class SVGTModule(nn.Module):
     # -- fitting a backbone --------------------------------------------------------------------
     def check_backbone(self, model) -> None:
         """Raise ValueError when this module was built for another backbone."""
-        from .backbone import backbone_info
+        from .backbone import check_fits
 
-        info = backbone_info(model)
         c = self.config
-        problems = []
-        if c.hidden_size != info.hidden_size:
-            problems.append(f"hidden size {c.hidden_size} != backbone's {info.hidden_size}")
-        if c.num_backbone_layers != info.num_layers:
-            problems.append(f"built for {c.num_backbone_layers} layers, backbone has {info.num_layers}")
-        if c.backbone_model_type is not None and c.backbone_model_type != info.model_type:
-            problems.append(f"built for model_type {c.backbone_model_type!r}, backbone is {info.model_type!r}")
-        if problems:
-            raise ValueError("value module does not fit this backbone: " + "; ".join(problems))
+        info = check_fits("value module", model, hidden_size=c.hidden_size, num_layers=c.num_backbone_layers,
+                          model_type=c.backbone_model_type)
         info.check_extract_layer(c.extract_layer)
 
     # -- artifact ------------------------------------------------------------------------------

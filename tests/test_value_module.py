@@ -215,6 +215,26 @@ def test_check_backbone_mismatch(tiny_models):
         SVGTModule(_cfg(hidden_size=64, num_backbone_layers=7, backbone_model_type="llama")).check_backbone(llama)
 
 
+def test_check_fits_names_every_problem(tiny_models):
+    """The one fit check the four artifact kinds share: every mismatch in one message, None skips."""
+    from svgt_fast.backbone import check_fits
+
+    llama = tiny_models["llama"]
+    cfg = llama.config
+    info = check_fits("x", llama, hidden_size=cfg.hidden_size, num_layers=cfg.num_hidden_layers, model_type="llama",
+                      intermediate_size=cfg.intermediate_size)
+    assert info.hidden_size == cfg.hidden_size
+    check_fits("x", llama, hidden_size=cfg.hidden_size)  # unchecked fields are skipped
+    with pytest.raises(ValueError) as exc:
+        check_fits("NeVA artifact (neurons)", llama, hidden_size=cfg.hidden_size + 1, num_layers=cfg.num_hidden_layers + 2,
+                   model_type="qwen2", intermediate_size=cfg.intermediate_size + 3)
+    msg = str(exc.value)
+    assert msg.startswith("NeVA artifact (neurons) does not fit this backbone: ")
+    for part in (f"hidden size {cfg.hidden_size + 1}", f"MLP size {cfg.intermediate_size + 3}",
+                 f"built for {cfg.num_hidden_layers + 2} layers", "built for model_type 'qwen2'"):
+        assert part in msg, part
+
+
 def test_for_backbone_default_extract_layer(tiny_models):
     from svgt_fast.backbone import default_extract_layer
 
