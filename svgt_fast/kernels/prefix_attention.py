@@ -22,6 +22,22 @@ import triton.language as tl
 
 
 @triton.jit
+def _attend_tile(q, k, v, visible, scale, m_i, l_i, acc, PRECISION: tl.constexpr):
+    """One online-softmax step over a key tile: fold softmax(q k^T * scale) v of the `visible`
+    [BLOCK_M, n] keys into the running (max m_i, sum l_i, acc). Fully masked rows keep max -inf
+    and add nothing (m_safe keeps exp() finite)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _prefix_attention_kernel(
     Q, KC, VC, KB, VB, OUT, PART_ACC, PART_ML,
     q_pos_ptr, prompt_len_ptr, bridge_len_ptr, seq_ptr,
@@ -74,17 +90,10 @@ def _prefix_attention_kernel(
         logical = slots + tl.where(slots >= P, kb, 0)
         k = tl.load(KC + c * s_kb + h * s_kh + slots[:, None] * s_ks + offs_d[None, :] * s_kd,
                     mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        s = tl.where(valid[None, :] & (logical[None, :] <= qi[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(VC + c * s_vb + h * s_vh + slots[:, None] * s_vs + offs_d[None, :] * s_vd,
                     mask=valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        visible = valid[None, :] & (logical[None, :] <= qi[:, None])
+        m_i, l_i, acc = _attend_tile(q, k, v, visible, scale, m_i, l_i, acc, PRECISION)
 
     if HAS_BRIDGE:
         if split == 0:
@@ -93,17 +102,10 @@ def _prefix_attention_kernel(
             logical = P + j
             kbr = tl.load(KB + c * s_bb + h * s_bh + j[:, None] * s_bs + offs_d[None, :] * s_bd,
                           mask=valid[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(kbr), input_precision=PRECISION) * scale
-            s = tl.where(valid[None, :] & (logical[None, :] <= qi[:, None]), s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
             vbr = tl.load(VB + c * s_wb + h * s_wh + j[:, None] * s_ws + offs_d[None, :] * s_wd,
                           mask=valid[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vbr.dtype), vbr, input_precision=PRECISION)
-            m_i = m_new
+            visible = valid[None, :] & (logical[None, :] <= qi[:, None])
+            m_i, l_i, acc = _attend_tile(q, kbr, vbr, visible, scale, m_i, l_i, acc, PRECISION)
 
     if SPLIT:
         # Partials [B, Hq, M, n_splits, D] and [B, Hq, M, n_splits, 2] (max, sum), contiguous.
