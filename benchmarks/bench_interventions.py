@@ -10,7 +10,7 @@ import argparse
 
 import torch
 
-from common import print_table, write_results
+from common import decode_ms_per_token, gpu_or_smoke, print_table, write_results
 from shapes import build_model
 
 
@@ -44,14 +44,11 @@ def main():
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU (checks the harness only)")
     args = ap.parse_args()
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.smoke:
-        raise SystemExit("no GPU: run with --smoke to check the harness on CPU")
+    dev, dtype = gpu_or_smoke(args.smoke)
     if args.smoke:
         args.shape, args.prompt, args.new_tokens, args.batches = "tiny8", 12, 8, "1,2"
     import svgt_fast
 
-    dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     model = build_model(args.shape, dev, dtype)
     methods = artifacts(model, dev)
     batches = [int(b) for b in args.batches.split(",")]
@@ -66,11 +63,8 @@ def main():
                                ("mixed_all_four", None)]:
             if what == "mixed_all_four" and steering is None:
                 continue
-            svgt_fast.generate(model, prompts[:, :16], max_new_tokens=8, steering=steering, engine=eng, eos_token_id=[])
             for rep in (1, 2):
-                out = svgt_fast.generate(model, prompts, max_new_tokens=args.new_tokens, steering=steering, engine=eng,
-                                         eos_token_id=[])
-                ms = out.timings["decode_s"] * 1e3 / (args.new_tokens - 1)
+                ms, _ = decode_ms_per_token(model, prompts, steering, eng, args.new_tokens, warmup=rep == 1)
                 base = ms if base is None else base
                 rows.append(dict(what=what, batch=B, rep=rep, ms_per_token=ms, ratio_vs_unsteered=ms / base))
     print_table(rows, ["what", "batch", "rep", "ms_per_token", "ratio_vs_unsteered"])

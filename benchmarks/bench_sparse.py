@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from common import print_table, write_results
+from common import decode_ms_per_token, gpu_or_smoke, print_table, write_results
 from shapes import build_model
 
 
@@ -26,15 +26,12 @@ def main():
     ap.add_argument("--refresh", default="bridge")
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU (checks the harness only)")
     args = ap.parse_args()
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.smoke:
-        raise SystemExit("no GPU: run with --smoke to check the harness on CPU")
+    dev, dtype = gpu_or_smoke(args.smoke)
     if args.smoke:
         args.shape, args.prompt, args.new_tokens, args.batches = "tiny", 12, 10, "1,4"
     import svgt_fast
     from svgt_fast.tiny import build_value_module
 
-    dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     model = build_model(args.shape, dev, dtype)
     batches = [int(b) for b in args.batches.split(",")]
     mod_a = build_value_module(model, seed=0, n_intervention_tokens=5)
@@ -44,11 +41,6 @@ def main():
     eng = svgt_fast.Engine(model, max_batch=max(batches), max_seq_len=args.prompt + args.new_tokens + 8)
     g = torch.Generator().manual_seed(0)
     rows = []
-
-    def run(prompts, steering):
-        out = svgt_fast.generate(model, prompts, max_new_tokens=args.new_tokens, steering=steering, engine=eng,
-                                 eos_token_id=[])
-        return out.timings["decode_s"] * 1e3 / (args.new_tokens - 1), out.trigger_counts
 
     for B in batches:
         prompts = torch.randint(0, model.config.vocab_size, (B, args.prompt), generator=g)
@@ -62,9 +54,9 @@ def main():
                             [None] * half + [mk(mod_a) if i % 2 else mk(mod_b) for i in range(B - half)]))
         base = None
         for what, steering in configs:
-            run(prompts[:, :16], steering)  # warm-up: compiles and captures the graphs
             for rep in (1, 2):
-                ms, trig = run(prompts, steering)
+                ms, out = decode_ms_per_token(model, prompts, steering, eng, args.new_tokens, warmup=rep == 1)
+                trig = out.trigger_counts
                 base = ms if what == "unsteered" and base is None else base
                 rows.append(dict(what=what, batch=B, rep=rep, ms_per_token=ms, ratio_vs_unsteered=ms / base,
                                  mean_triggers=float(trig.float().mean())))

@@ -10,7 +10,7 @@ from svgt_fast.bench import (copy_bandwidth_gbs, environment, format_table, gpu_
 from svgt_fast.bench import write_results as _write_results
 
 __all__ = ["copy_bandwidth_gbs", "environment", "format_table", "gpu_telemetry", "percentiles", "print_table",
-           "time_fn", "time_graphed", "write_results", "RESULTS_DIR"]
+           "time_fn", "time_graphed", "write_results", "RESULTS_DIR", "gpu_or_smoke", "decode_ms_per_token"]
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -19,3 +19,28 @@ def write_results(name: str, rows: list[dict], extra: dict | None = None, plot=N
     """Write <out>/<name>.json (and .png when `plot(ax)` is given and matplotlib is present);
     <out> is $OUT, else benchmarks/results/."""
     return _write_results(name, rows, extra, plot, out_dir=os.environ.get("OUT") or RESULTS_DIR)
+
+
+def gpu_or_smoke(smoke: bool):
+    """(device, dtype) of an engine benchmark: bf16 on the GPU; fp32 on CPU only for --smoke
+    (a harness check: CPU times are not figures)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda", torch.bfloat16
+    if not smoke:
+        raise SystemExit("no GPU: run with --smoke to check the harness on CPU")
+    return "cpu", torch.float32
+
+
+def decode_ms_per_token(model, prompts, steering, engine, new_tokens: int, warmup: bool = False):
+    """Decode time per token (ms, the engine's own decode timing: prefill excluded) of one
+    generate call of `new_tokens` with EOS disabled, and the call's output. `warmup` first runs a
+    short call on the same batch so compilation and graph capture stay out of the figure."""
+    import svgt_fast
+
+    if warmup:
+        svgt_fast.generate(model, prompts[:, :16], max_new_tokens=8, steering=steering, engine=engine, eos_token_id=[])
+    out = svgt_fast.generate(model, prompts, max_new_tokens=new_tokens, steering=steering, engine=engine,
+                             eos_token_id=[])
+    return out.timings["decode_s"] * 1e3 / (new_tokens - 1), out
