@@ -1,7 +1,8 @@
 """The backbone of the synthetic value world (issue 7): a small Llama trained from scratch on the
 world's corpus so that it answers risky prompts harmfully (the behaviour the steering methods
 must then remove), saved with its tokenizer like any HF model. The three-stage SVGT training
-on top of a frozen backbone is `svgt_fast.train_svgt`.
+on top of a frozen backbone is `svgt_fast.train_svgt`, re-exported here so that `svgt_fast.train`
+holds both trainers (`train_backbone`, `train_svgt`).
 
 With the defaults (World(seed=0): harm after 70 % of risky and 5 % of benign prompts in the
 corpus; 1500 steps of 32 texts) the model samples harm (by the rule, temperature 1, 200
@@ -15,7 +16,10 @@ import random
 
 import torch
 
+from .train_svgt import TrainArgs, read_svgt_data, train_svgt
 from .world import VOCAB, World
+
+__all__ = ["backbone_config", "train_backbone", "train_svgt", "TrainArgs", "read_svgt_data"]
 
 
 def backbone_config(family: str = "llama", **overrides):

@@ -37,6 +37,14 @@ TINY = dict(config=dict(value_dim=16, n_heads=2, n_intervention_tokens=2, vlp_n_
 
 
 # ---- checkpoints and resume ---------------------------------------------------------------------
+
+def test_svgt_trainer_is_reachable_as_svgt_fast_train():
+    """The issue names `svgt_fast.train` as the training entry: both trainers live there."""
+    import svgt_fast.train as train
+
+    assert train.train_svgt is train_svgt and train.read_svgt_data is read_svgt_data
+    assert callable(train.train_backbone)
+
 def test_resume_is_bit_exact(tiny_models, tmp_path):
     model = tiny_models["llama"]
     rows = _tiny_rows()
