@@ -104,6 +104,9 @@ def main():
     prompts = risky + benign
     rows = []
     base_s = None
+    # Size the engine for the whole batch once, so that cost is not charged to the first row
+    # (it made "unsteered" look ~1.8x slower than the baselines in an earlier run).
+    evaluate(model, tok, prompts, fluency=False, max_new_tokens=2, temperature=1.0, seed=args.seed)
     for name, steering in configs:
         kw = dict(steering=steering, max_new_tokens=args.max_new_tokens, temperature=1.0, seed=args.seed)
         evaluate(model, tok, prompts[:8], fluency=False, **dict(kw, max_new_tokens=4))  # warm-up

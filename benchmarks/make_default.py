@@ -2,7 +2,7 @@
 module, seeded, then measure them and record everything in manifest.json.
 
 Usage: python benchmarks/make_default.py [--out svgt_fast/data/default] [--skip-backbone]
-(CPU, 1 thread: about 7 minutes for the backbone and 15 for the SVGT module.)
+(CPU, 1 thread: about 7 minutes for the backbone and 4-15 for the SVGT module, by the CPU.)
 """
 from __future__ import annotations
 
@@ -21,8 +21,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # The recipe of the shipped default; change it here, rerun, commit the outputs.
 BACKBONE = dict(steps=1500, batch_size=32, lr=3e-3, n_texts=50_000, seed=0)
+# seed 2: picked among training seeds 0-4 by the sparse row's harmful rate on *validation*
+# prompts (held_out_prompts seed 40_000), never on the test prompts measured below and in
+# bench_efficacy (seed 10_000). The seeds spread widely (validation 0.13-0.41 harmful; NOTES.md,
+# "Third round"), and CPU float differences change the trained module, so a re-run on another
+# machine may land elsewhere in that spread.
 SVGT_TRAIN = dict(stage1_steps=300, stage2_steps=1000, stage3_steps=2000, stage1_lr=1e-3, stage2_lr=1e-3, stage3_lr=3e-3,
-                  batch_size=32, seed=0)
+                  batch_size=32, seed=2)
 # extract layer 1 of 6 (upper stack of 4 layers, not DESIGN's L-3 = 3): with only two layers
 # above the bridge the module cut the harmful rate 58 % -> 48 %; with four, 58 % -> 16 %
 # (benchmarks/NOTES.md, "Efficacy recipe").
@@ -32,6 +37,8 @@ EVAL = dict(n=200, max_new_tokens=40, seed=0)
 # The inference setting the README recommends for this module: refresh where the prefix's score
 # passes 0.5 (bench_efficacy measures it and the others at n=1000).
 SPARSE = dict(policy="sparse", score_threshold=0.5, refresh_interval=1)
+SELECTION = ("training seed picked among 0-4 by the sparse row's harmful rate on 1000 validation risky prompts "
+             "(World.held_out_prompts seed 40000); measured figures use the test prompts (seed 10000)")
 
 
 def main():
@@ -76,7 +83,7 @@ def main():
             r = evaluate(model, tok, prompts, steering=st, max_new_tokens=EVAL["max_new_tokens"], seed=EVAL["seed"])
             measured[f"{name}_{'risky' if risky else 'benign'}"] = {
                 k: r[k] for k in ("harmful_rate", "perplexity", "distinct_1", "distinct_2", "mean_new_tokens")}
-    manifest = {"world_seed": WORLD_SEED, "backbone": BACKBONE, "svgt_train": asdict(TrainArgs(**SVGT_TRAIN)), "svgt_config": SVGT_CONFIG,
+    manifest = {"world_seed": WORLD_SEED, "selection": SELECTION, "backbone": BACKBONE, "svgt_train": asdict(TrainArgs(**SVGT_TRAIN)), "svgt_config": SVGT_CONFIG,
                 "data": {"rows": DATA_ROWS, "seed": DATA_SEED}, "eval": dict(EVAL, temperature=1.0, svgt_sparse=SPARSE),
                 "measured": measured, "train_seconds": {"backbone": t_bb, "svgt": t_svgt},
                 "final_losses": history[-1] if history else None, "torch": torch.__version__, "threads": args.threads}

@@ -47,7 +47,9 @@ Departures from the authors' recipe (ours, because they make steering work with 
   "this prefix is headed to (or already in) harm". Every prefix rather than one: on the world
   backbone (N=1000 held-out prompts, benchmarks/NOTES.md) the sparse policy at threshold 0.5
   then cuts the harmful rate by 68 % at +1.5 % benign perplexity, against 67 % at +21 % for
-  the "sampled" module under the always policy.
+  the "sampled" module under the always policy (both seed 0; training seeds spread widely —
+  0.13-0.41 harmful on validation prompts — so the shipped default is a seed picked on
+  validation prompts: NOTES.md, "Third round").
 - prompt_proj and response_proj start standardised: the per-dimension mean and std of the
   frozen backbone's states (512 rows) are folded into their first linear layer
   (`standardize_projections`); the authors' random init let the 1-token path collapse to a
