@@ -10,6 +10,8 @@ bridge plus the last W response indices; the response entries between stay stale
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 
 import torch
@@ -42,6 +44,18 @@ class _InlineCache:
         return ck[:, :, :end], cv[:, :, :end]
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(layer_cls) -> str:
+    params = inspect.signature(layer_cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _cache_kwarg(layer) -> str:
+    """The decoder layer's name for its KV cache argument: `cache` in recent transformers (5.24), where
+    `past_key_values` is deprecated (removal announced for 5.40); `past_key_values` before."""
+    return _cache_kwarg_of(type(layer))
+
+
 def _run(model, cache: _InlineCache, x: torch.Tensor, idx: torch.Tensor, layer_ids) -> torch.Tensor:
     """Rows x [M, d] at cache indices / positions idx [M] through the listed HF decoder layers."""
     inner, layers, _ = backbone_parts(model)
@@ -52,8 +66,8 @@ def _run(model, cache: _InlineCache, x: torch.Tensor, idx: torch.Tensor, layer_i
     mask = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill(~visible, torch.finfo(x.dtype).min)
     h = x[None]
     for i in layer_ids:
-        h = layers[i](h, attention_mask=mask[None, None], position_ids=idx[None], past_key_values=cache,
-                      use_cache=True, position_embeddings=rope)
+        h = layers[i](h, attention_mask=mask[None, None], position_ids=idx[None], use_cache=True,
+                      position_embeddings=rope, **{_cache_kwarg(layers[i]): cache})
         if isinstance(h, tuple):
             h = h[0]
     return h[0]

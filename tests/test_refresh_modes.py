@@ -136,3 +136,20 @@ def test_parse_refresh():
     assert parse_refresh("bridge") == ("window", 0)
     assert parse_refresh("window=7") == ("window", 7)
     assert parse_refresh("project") == ("project", None)
+
+
+def test_reference_passes_the_cache_under_the_layers_own_name():
+    """transformers renamed the decoder layers' `past_key_values` argument to `cache` (the old
+    name deprecated, removal announced for 5.40); the mode references must pass whichever the
+    installed version's layer takes, or the inline cache would silently be dropped."""
+    from svgt_fast.reference_modes import _cache_kwarg
+
+    class New(torch.nn.Module):
+        def forward(self, hidden_states, attention_mask=None, cache=None, **kwargs):
+            return hidden_states
+
+    class Old(torch.nn.Module):
+        def forward(self, hidden_states, attention_mask=None, past_key_values=None, **kwargs):
+            return hidden_states
+
+    assert _cache_kwarg(New()) == "cache" and _cache_kwarg(Old()) == "past_key_values"
