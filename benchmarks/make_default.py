@@ -41,6 +41,33 @@ SPARSE = dict(policy="sparse", score_threshold=0.5, refresh_interval=1)
 SELECTION = ("training seed picked among 0-4 by the sparse row's harmful rate on 1000 validation risky prompts "
              "(World.held_out_prompts seed 40000); measured figures use the test prompts (seed 10000)")
 
+TEST_PROMPT_SEED = 10_000  # World.held_out_prompts' default: the prompts every reported figure uses
+METRICS = ("harmful_rate", "perplexity", "distinct_1", "distinct_2", "mean_new_tokens")
+
+
+def train_module(model, tok, world, work: str, seed: int | None = None, progress: bool = True):
+    """This recipe (SVGT_TRAIN / SVGT_CONFIG on the world's rows) on `model` into work/svgt;
+    `seed` replaces SVGT_TRAIN's (the selection script trains several)."""
+    from svgt_fast.train_svgt import train_svgt
+
+    train = dict(SVGT_TRAIN) if seed is None else dict(SVGT_TRAIN, seed=seed)
+    return train_svgt(model, tok, world.svgt_data(DATA_ROWS, seed=DATA_SEED), work, config=SVGT_CONFIG,
+                      resume=False, progress=progress, **train)
+
+
+def measure(model, tok, world, settings, n: int, prompt_seed: int = TEST_PROMPT_SEED) -> dict:
+    """{"<name>_risky" / "<name>_benign": METRICS} of each (name, steering) in `settings` on n
+    held-out prompts per class (EVAL's sampling)."""
+    from svgt_fast.efficacy import evaluate
+
+    out = {}
+    for risky in (True, False):
+        prompts = world.held_out_prompts(n, risky=risky, seed=prompt_seed)
+        for name, st in settings:
+            r = evaluate(model, tok, prompts, steering=st, max_new_tokens=EVAL["max_new_tokens"], seed=EVAL["seed"])
+            out[f"{name}_{'risky' if risky else 'benign'}"] = {k: r[k] for k in METRICS}
+    return out
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -53,9 +80,8 @@ def main():
 
     from svgt_fast import SVGT
     from svgt_fast.default import DEFAULT_DIR, WORLD_SEED
-    from svgt_fast.efficacy import evaluate
     from svgt_fast.train import train_backbone
-    from svgt_fast.train_svgt import TrainArgs, train_svgt
+    from svgt_fast.train_svgt import TrainArgs
     from svgt_fast.world import World
 
     out = args.out or DEFAULT_DIR
@@ -70,20 +96,14 @@ def main():
     tok = AutoTokenizer.from_pretrained(bb_dir)
     t0 = time.time()
     with tempfile.TemporaryDirectory() as work:
-        module = train_svgt(model, tok, world.svgt_data(DATA_ROWS, seed=DATA_SEED), work, config=SVGT_CONFIG,
-                            resume=False, **SVGT_TRAIN)
+        module = train_module(model, tok, world, work)
         shutil.rmtree(svgt_dir, ignore_errors=True)
         shutil.copytree(os.path.join(work, "svgt"), svgt_dir)
         with open(os.path.join(work, "training_log.json")) as f:
             history = json.load(f)["history"]
     t_svgt = time.time() - t0
-    measured = {}
-    for risky in (True, False):
-        prompts = world.held_out_prompts(EVAL["n"], risky=risky)
-        for name, st in (("unsteered", None), ("svgt", SVGT(module)), ("svgt_sparse", SVGT(module, **SPARSE))):
-            r = evaluate(model, tok, prompts, steering=st, max_new_tokens=EVAL["max_new_tokens"], seed=EVAL["seed"])
-            measured[f"{name}_{'risky' if risky else 'benign'}"] = {
-                k: r[k] for k in ("harmful_rate", "perplexity", "distinct_1", "distinct_2", "mean_new_tokens")}
+    measured = measure(model, tok, world, (("unsteered", None), ("svgt", SVGT(module)),
+                                           ("svgt_sparse", SVGT(module, **SPARSE))), EVAL["n"])
     manifest = {"world_seed": WORLD_SEED, "selection": SELECTION, "backbone": BACKBONE, "svgt_train": asdict(TrainArgs(**SVGT_TRAIN)), "svgt_config": SVGT_CONFIG,
                 "data": {"rows": DATA_ROWS, "seed": DATA_SEED}, "eval": dict(EVAL, temperature=1.0, svgt_sparse=SPARSE),
                 "measured": measured, "train_seconds": {"backbone": t_bb, "svgt": t_svgt},

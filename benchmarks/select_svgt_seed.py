@@ -26,7 +26,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-VALIDATION_PROMPT_SEED = 40_000  # World.held_out_prompts; the test prompts use 10_000
+import make_default as md  # noqa: E402  (the recipe, its training and its measurement)
+
+VALIDATION_PROMPT_SEED = 40_000  # World.held_out_prompts; the test prompts use md.TEST_PROMPT_SEED
 HELD_OUT_ROWS_SEED = 77  # World.svgt_data; training uses make_default.DATA_SEED
 
 
@@ -57,34 +59,30 @@ def value_metrics(model, tok, module, rows) -> dict:
     return {"heldout_bce": bce / n, "heldout_acc": acc / n, "auc_at_prompt": _auc(first[1], first[0])}
 
 
+def _validation(model, tok, world, settings, n: int) -> dict:
+    """{"<name>_harmful_risky", "<name>_harmful_benign", "<name>_ppl_benign"} of each setting on
+    the validation prompts (make_default.measure, another prompt seed)."""
+    m = md.measure(model, tok, world, settings, n, prompt_seed=VALIDATION_PROMPT_SEED)
+    out = {}
+    for name, _ in settings:
+        out.update({f"{name}_harmful_risky": m[f"{name}_risky"]["harmful_rate"],
+                    f"{name}_harmful_benign": m[f"{name}_benign"]["harmful_rate"],
+                    f"{name}_ppl_benign": m[f"{name}_benign"]["perplexity"]})
+    return out
+
+
 def run_seed(seed: int, n: int, heldout_rows: int) -> dict:
     torch.set_num_threads(1)
-    import make_default as md
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from svgt_fast import SVGT
-    from svgt_fast.default import DEFAULT_DIR, WORLD_SEED
-    from svgt_fast.efficacy import evaluate
-    from svgt_fast.train_svgt import train_svgt
+    from svgt_fast.default import WORLD_SEED, load_default
     from svgt_fast.world import World
 
-    bb = os.path.join(DEFAULT_DIR, "backbone")
-    model = AutoModelForCausalLM.from_pretrained(bb).eval()
-    tok = AutoTokenizer.from_pretrained(bb)
+    model, tok, _ = load_default()
     world = World(WORLD_SEED)
     with tempfile.TemporaryDirectory() as work:
-        module = train_svgt(model, tok, world.svgt_data(md.DATA_ROWS, seed=md.DATA_SEED), work,
-                            config=md.SVGT_CONFIG, resume=False, progress=False, **dict(md.SVGT_TRAIN, seed=seed))
-    row = {"seed": seed}
-    for risky in (True, False):
-        prompts = world.held_out_prompts(n, risky=risky, seed=VALIDATION_PROMPT_SEED)
-        for name, st in (("sparse", SVGT(module, **md.SPARSE)), ("always", SVGT(module))):
-            r = evaluate(model, tok, prompts, steering=st, max_new_tokens=md.EVAL["max_new_tokens"], seed=md.EVAL["seed"],
-                         fluency=not risky)
-            cls = "risky" if risky else "benign"
-            row[f"{name}_harmful_{cls}"] = r["harmful_rate"]
-            if not risky:
-                row[f"{name}_ppl_benign"] = r["perplexity"]
+        module = md.train_module(model, tok, world, work, seed=seed, progress=False)
+    row = {"seed": seed, **_validation(model, tok, world, (("sparse", SVGT(module, **md.SPARSE)),
+                                                           ("always", SVGT(module))), n)}
     row.update(value_metrics(model, tok, module, world.svgt_data(heldout_rows, seed=HELD_OUT_ROWS_SEED)))
     print(json.dumps(row), flush=True)
     return row
@@ -104,19 +102,11 @@ def main():
 
     from svgt_fast.bench import environment
     from svgt_fast.default import WORLD_SEED, load_default
-    from svgt_fast.efficacy import evaluate
     from svgt_fast.world import World
 
     # the unsteered reference on the same validation prompts
     model, tok, _ = load_default()
-    world = World(WORLD_SEED)
-    unsteered = {}
-    for risky in (True, False):
-        r = evaluate(model, tok, world.held_out_prompts(args.n, risky=risky, seed=VALIDATION_PROMPT_SEED),
-                     max_new_tokens=40, seed=0, fluency=not risky)
-        unsteered[f"harmful_{'risky' if risky else 'benign'}"] = r["harmful_rate"]
-        if not risky:
-            unsteered["ppl_benign"] = r["perplexity"]
+    unsteered = _validation(model, tok, World(WORLD_SEED), (("unsteered", None),), args.n)
     pick = min(rows, key=lambda r: r["sparse_harmful_risky"])
     out = {"environment": environment(), "validation_prompt_seed": VALIDATION_PROMPT_SEED, "n": args.n,
            "unsteered": unsteered, "rows": rows, "pick": pick["seed"],

@@ -45,15 +45,10 @@ class _InlineCache:
 
 
 @functools.lru_cache(maxsize=None)
-def _cache_kwarg_of(layer_cls) -> str:
-    params = inspect.signature(layer_cls.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _cache_kwarg(layer) -> str:
-    """The decoder layer's name for its KV cache argument: `cache` in recent transformers (5.24), where
-    `past_key_values` is deprecated (removal announced for 5.40); `past_key_values` before."""
-    return _cache_kwarg_of(type(layer))
+def _cache_kwarg(layer_cls) -> str:
+    """A decoder layer class's name for its KV cache argument: `cache` in recent transformers
+    (5.24), where `past_key_values` is deprecated (removal announced for 5.40); `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(layer_cls.forward).parameters else "past_key_values"
 
 
 def _run(model, cache: _InlineCache, x: torch.Tensor, idx: torch.Tensor, layer_ids) -> torch.Tensor:
@@ -67,7 +62,7 @@ def _run(model, cache: _InlineCache, x: torch.Tensor, idx: torch.Tensor, layer_i
     h = x[None]
     for i in layer_ids:
         h = layers[i](h, attention_mask=mask[None, None], position_ids=idx[None], use_cache=True,
-                      position_embeddings=rope, **{_cache_kwarg(layers[i]): cache})
+                      position_embeddings=rope, **{_cache_kwarg(type(layers[i])): cache})
         if isinstance(h, tuple):
             h = h[0]
     return h[0]

@@ -152,4 +152,4 @@ def test_reference_passes_the_cache_under_the_layers_own_name():
         def forward(self, hidden_states, attention_mask=None, past_key_values=None, **kwargs):
             return hidden_states
 
-    assert _cache_kwarg(New()) == "cache" and _cache_kwarg(Old()) == "past_key_values"
+    assert _cache_kwarg(New) == "cache" and _cache_kwarg(Old) == "past_key_values"
