@@ -86,6 +86,11 @@ def check_engine_args(info, device: torch.device, model_dtype: torch.dtype, *, m
     if attention == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("attention='triton' needs a CUDA device (on CPU set TRITON_INTERPRET=1 before importing "
                          "triton, for tests only); use attention='torch' or 'auto'")
+    if attention == "triton" and device.type != "cuda":
+        from .kernels import interpreter_problem
+
+        if (problem := interpreter_problem()) is not None:
+            raise RuntimeError(problem)
     need_int("max_batch", max_batch, 1)
     if max_seq_len is None:
         max_seq_len = info.max_positions

@@ -7,6 +7,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Without a GPU, Triton kernels run in Triton's interpreter (must be set before triton.jit runs).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    from svgt_fast.kernels import interpreter_problem
+
+    if os.environ["TRITON_INTERPRET"] == "1" and (_problem := interpreter_problem()) is not None:
+        raise pytest.UsageError(_problem)  # one clear line instead of dozens of kernel test failures
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 hf_logging.disable_progress_bar()

@@ -47,3 +47,22 @@ def test_headline_table_matches_the_h100_run():
     table = res.stdout
     assert "| | batch 1 | batch 16 |" in table and "h100_2026-11-23_b120f69" in table
     assert "64.8 (ours 6.5x faster)" in table and "27.5x slower" in table  # the README's figures
+
+
+def test_write_results_json_and_png(tmp_path, monkeypatch):
+    """`svgt-fast bench` and benchmarks/ write <name>.json (environment + rows) and, with
+    matplotlib, <name>.png; without matplotlib the JSON is still written and the PNG is not."""
+    pytest.importorskip("matplotlib")
+    from svgt_fast.bench import write_results
+
+    rows = [dict(batch=1, ms_per_token=1.5), dict(batch=16, ms_per_token=2.0)]
+    path = write_results("t", rows, extra={"note": "x"}, plot=lambda ax: ax.plot([1, 16], [1.5, 2.0]),
+                         out_dir=str(tmp_path / "with"))
+    data = json.loads(pathlib.Path(path).read_text())
+    assert data["rows"] == rows and data["note"] == "x" and "torch" in json.dumps(data["environment"])
+    assert (tmp_path / "with" / "t.png").stat().st_size > 5_000
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    path = write_results("t", rows, plot=lambda ax: None, out_dir=str(tmp_path / "without"))
+    assert json.loads(pathlib.Path(path).read_text())["rows"] == rows
+    assert not (tmp_path / "without" / "t.png").exists()

@@ -46,6 +46,24 @@ def test_triton_on_cpu_without_interpreter_is_refused(llama, monkeypatch):
         Engine(llama, max_batch=1, max_seq_len=8, attention="triton")
 
 
+@pytest.mark.parametrize("triton_v, numpy_v, refused", [
+    ("3.6.0", "2.4.0", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.0", False), ("3.9.0", "2.4.6", False)])
+def test_triton_interpreter_with_numpy_it_cannot_run(llama, monkeypatch, triton_v, numpy_v, refused):
+    """Triton < 3.7's interpreter fails every looped kernel under NumPy >= 2.4 (found running the
+    suite with the GPU machine's triton 3.6): the engine says so instead of an obscure TypeError."""
+    import numpy
+    import triton
+
+    from svgt_fast.kernels import interpreter_problem
+
+    monkeypatch.setattr(triton, "__version__", triton_v)
+    monkeypatch.setattr(numpy, "__version__", numpy_v)
+    assert (interpreter_problem() is not None) == refused
+    if refused:
+        with pytest.raises(RuntimeError, match=f"Triton {triton_v}'s CPU interpreter .* NumPy {numpy_v}"):
+            Engine(llama, max_batch=1, max_seq_len=8, attention="triton")
+
+
 def test_model_split_or_meta_is_refused():
     model = build_tiny_model("llama", seed=3)
     model.lm_head.to("meta")
