@@ -1,0 +1,64 @@
+"""The GPU check's benchmark commands, each run with --smoke (tiny model or shapes, CPU): a GPU
+session is short and rare, so a script that would fail on an argument, an import or a renamed
+helper must fail here first. Checks the harness only (exit status, the JSON rows each writes,
+the arguments gpu_check.sh passes); CPU times are not figures."""
+import json
+import os
+import pathlib
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+GPU_CHECK = ROOT / "benchmarks" / "gpu_check.sh"
+
+
+def _steps() -> dict[str, list[str]]:
+    """name -> argv of each `step NAME LIMIT CMD...` line of gpu_check.sh (continuations joined)."""
+    text = GPU_CHECK.read_text().replace("\\\n", " ")
+    steps = {}
+    for line in text.splitlines():
+        if line.startswith("step "):
+            name, _limit, *cmd = shlex.split(line)[1:]
+            steps[name] = cmd
+    return steps
+
+
+def test_gpu_check_is_valid_bash_and_lists_its_steps():
+    assert subprocess.run(["bash", "-n", str(GPU_CHECK)]).returncode == 0
+    steps = _steps()
+    calls = re.findall(r'STEPS="([^"]+)" bash benchmarks/gpu_check.sh', GPU_CHECK.read_text())
+    assert len(calls) == 2 and sorted(" ".join(calls).split()) == sorted(steps), (calls, list(steps))
+    for name, cmd in steps.items():  # every file a step names exists
+        for arg in cmd:
+            if arg.startswith(("tests/", "benchmarks/")):
+                assert (ROOT / arg).exists(), f"step {name}: {arg} does not exist"
+
+
+BENCH_STEPS = sorted(n for n, cmd in _steps().items() if cmd[1].startswith("benchmarks/"))
+
+
+@pytest.mark.parametrize("name", BENCH_STEPS)
+def test_benchmark_step_runs_its_smoke_harness(name, tmp_path):
+    cmd = _steps()[name]
+    env = dict(os.environ, OUT=str(tmp_path), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, *cmd[1:], "--smoke"], capture_output=True, text=True, cwd=ROOT, env=env,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    if name == "profile":  # prints the ranked ops of a profiled generate call
+        assert "per step" in res.stdout and "us/step" in res.stdout
+        return
+    written = list(tmp_path.glob("*_smoke.json"))
+    assert len(written) == 1, written
+    data = json.loads(written[0].read_text())
+    assert data["rows"] and "torch" in data["environment"]
+    if name.startswith("generate"):  # the modes and intervals gpu_check passes are the ones run
+        modes = cmd[cmd.index("--modes") + 1].split(",")
+        intervals = cmd[cmd.index("--intervals") + 1].split(",")
+        whats = {r["what"] for r in data["rows"]}
+        for m in modes:
+            for i in intervals:
+                assert any(w.startswith(f"engine_svgt_{m}_") and w.endswith(f"_r{i}") for w in whats), (m, i, whats)
