@@ -89,7 +89,7 @@ def check_engine_args(info, device: torch.device, model_dtype: torch.dtype, *, m
     if attention == "triton" and device.type != "cuda":
         from .kernels import interpreter_problem
 
-        if (problem := interpreter_problem()) is not None:
+        if (problem := interpreter_problem(model_dtype)) is not None:
             raise RuntimeError(problem)
     need_int("max_batch", max_batch, 1)
     if max_seq_len is None:

@@ -64,6 +64,14 @@ def test_triton_interpreter_with_numpy_it_cannot_run(llama, monkeypatch, triton_
             Engine(llama, max_batch=1, max_seq_len=8, attention="triton")
 
 
+def test_triton_interpreter_bf16_engine_is_refused():
+    """bf16 tl.dot gives garbage in Triton's interpreter: an engine that would run it refuses."""
+    model = build_tiny_model("llama", seed=3).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="bfloat16 matrix products"):
+        Engine(model, max_batch=1, max_seq_len=8, attention="triton")
+    Engine(model, max_batch=1, max_seq_len=8, attention="torch")  # the CPU path is fine
+
+
 def test_model_split_or_meta_is_refused():
     model = build_tiny_model("llama", seed=3)
     model.lm_head.to("meta")

@@ -39,6 +39,21 @@ def test_trigger_equals_reference(B, t):
     assert got[4][0] == 0.0  # zero reference state: no drift
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_trigger_low_precision_hidden_states(dtype):
+    """The engine hands the kernel hidden states in the model's dtype (bf16 on the GPU); the
+    kernel reads them into fp32 (no bf16 arithmetic, so the interpreter runs this too)."""
+    from svgt_fast.kernels.trigger import trigger
+
+    args = _inputs(11, 9)
+    args[1], args[2] = args[1].to(dtype), args[2].to(dtype)
+    got, want = trigger(*args), trigger_ref(*args)
+    for name, a, b in zip(("mask", "rows", "count"), got[:3], want[:3]):
+        assert torch.equal(a.cpu(), b.cpu()), name
+    torch.testing.assert_close(got[3], want[3], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[4], want[4], rtol=1e-5, atol=1e-5)
+
+
 def test_trigger_policies_and_schedule():
     """always fires on every due step; sparse only above a threshold; interval 0 never."""
     from svgt_fast.kernels.trigger import ALWAYS, SPARSE, trigger

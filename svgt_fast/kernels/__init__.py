@@ -2,15 +2,23 @@
 from __future__ import annotations
 
 
-def interpreter_problem() -> str | None:
+def interpreter_problem(dtype=None) -> str | None:
     """Why Triton's CPU interpreter (TRITON_INTERPRET=1, tests only) cannot run our kernels with the
-    installed packages, or None. Triton < 3.7's interpreter turns a runtime int argument into a
-    1-element array and calls int() on it, which NumPy >= 2.4 refuses; every kernel with a loop
-    bound taken from an argument then fails with an obscure TypeError."""
+    installed packages (or on `dtype` data), or None.
+    - Triton < 3.7's interpreter turns a runtime int argument into a 1-element array and calls
+      int() on it, which NumPy >= 2.4 refuses: every kernel with a loop bound taken from an
+      argument fails with an obscure TypeError.
+    - The interpreter keeps bfloat16 as raw uint16 bits and its tl.dot multiplies those bits
+      (values ~1e10; triton-lang/triton#11584, "not supported yet"): the attention kernel's
+      bf16 results there are garbage, not rounding. fp16 is the low-precision case on CPU."""
     import numpy
+    import torch
     import triton
     from packaging.version import Version
 
+    if dtype == torch.bfloat16:
+        return ("Triton's CPU interpreter cannot run bfloat16 matrix products (it multiplies the raw bits; "
+                "triton-lang/triton#11584): use float16 or float32 on CPU, or attention='torch'")
     if Version(triton.__version__).release < (3, 7) and Version(numpy.__version__).release >= (2, 4):
         return (f"Triton {triton.__version__}'s CPU interpreter cannot run kernels with NumPy {numpy.__version__}: "
                 "install numpy<2.4 or triton>=3.7 (compiled GPU kernels are not affected)")

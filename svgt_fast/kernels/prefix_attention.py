@@ -205,6 +205,10 @@ def prefix_attention(
     if q.dim() != 4:
         raise ValueError(f"prefix_attention: q must be [B, M, Hq, D], got {tuple(q.shape)}")
     B, M, Hq, D = q.shape
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:  # only the interpreter runs Triton on CPU
+        from . import interpreter_problem
+
+        raise ValueError(f"prefix_attention: {interpreter_problem(q.dtype)}")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         _check(name, t, 4, q.dtype, q.device)
     _check_seq_idx(seq_idx, B, k_cache.shape[0], q.device)
