@@ -175,23 +175,41 @@ inline bool kv_patch_can_vectorize(const KvPatchParams& p, int elem, int cos_ele
   return true;
 }
 
-// Launches on `stream`; no allocation, no host sync (graph-capturable). Returns the launch error.
-// Preconditions (checked by the caller): N, H in [0, 2^31), H <= 65535, T * D < 2^31.
-template <typename T, typename CosT, bool ROPE>
-cudaError_t launch_kv_patch(const KvPatchParams& p, bool vectorize, cudaStream_t stream) {
-  constexpr int kVec = 16 / sizeof(T);
-  const int vec = vectorize ? kVec : 1;
+// Launch shape: grid (x: chunks of the T*D tile, y: head, z: row n, capped at 65535 and looped
+// in the kernel), `threads` per block, `vec` elements per thread; threads == 0: nothing to do.
+// Host code without CUDA syntax, so tests/csrc/kv_patch_emulation.cpp runs the same grid on the
+// CPU. Preconditions (checked by the caller): N, H in [0, 2^31), H <= 65535, T * D < 2^31.
+struct KvPatchLaunch {
+  dim3 grid;
+  int threads;
+  int vec;
+};
+
+template <typename T, bool ROPE>
+inline KvPatchLaunch kv_patch_launch_config(const KvPatchParams& p, bool vectorize) {
+  const int vec = vectorize ? static_cast<int>(16 / sizeof(T)) : 1;
   const int64_t per_row = static_cast<int64_t>(p.T) * ((ROPE ? p.D / 2 : p.D) / vec);
-  if (per_row == 0 || p.N == 0 || p.H == 0) return cudaSuccess;
+  if (per_row == 0 || p.N == 0 || p.H == 0) return {dim3(0, 0, 0), 0, vec};
   // Small tiles (a 5-token bridge is 80 chunks) get a small block rather than idle threads.
   const int threads = static_cast<int>(per_row >= 256 ? 256 : (per_row + 31) / 32 * 32);
   const dim3 grid(static_cast<unsigned>((per_row + threads - 1) / threads), static_cast<unsigned>(p.H),
                   static_cast<unsigned>(p.N < 65535 ? p.N : 65535));
-  if (vectorize)
-    kv_patch_kernel<T, CosT, kVec, ROPE><<<grid, threads, 0, stream>>>(p);
+  return {grid, threads, vec};
+}
+
+#if defined(__CUDACC__)
+// Launches on `stream`; no allocation, no host sync (graph-capturable). Returns the launch error.
+template <typename T, typename CosT, bool ROPE>
+cudaError_t launch_kv_patch(const KvPatchParams& p, bool vectorize, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  const KvPatchLaunch l = kv_patch_launch_config<T, ROPE>(p, vectorize);
+  if (l.threads == 0) return cudaSuccess;
+  if (l.vec == kVec)
+    kv_patch_kernel<T, CosT, kVec, ROPE><<<l.grid, l.threads, 0, stream>>>(p);
   else
-    kv_patch_kernel<T, CosT, 1, ROPE><<<grid, threads, 0, stream>>>(p);
+    kv_patch_kernel<T, CosT, 1, ROPE><<<l.grid, l.threads, 0, stream>>>(p);
   return cudaGetLastError();
 }
+#endif  // __CUDACC__
 
 }  // namespace svgt_fast

@@ -22,7 +22,7 @@ LIB_NAME = "svgt_fast_C"  # + "_cpu" / "_cuda": one name per variant keeps cpp_e
 # in-process versioning (name_v1.so when one name meets other sources) out of the way.
 CPU_SOURCES = ("torch_bindings.cpp", "kv_patch_cpu.cpp")
 CUDA_SOURCES = ("kv_patch_cuda.cu",)
-HEADERS = ("kv_patch.h", "kv_patch_kernels.cuh")
+HEADERS = ("kv_patch.h", "kv_patch_kernels.cuh", "kv_patch_params.h")
 # -ffp-contract=off: RoPE must round after each multiply, as PyTorch's kernels do (bit equality).
 # No -std flag: cpp_extension picks the standard the installed torch's headers need. No
 # --use_fast_math for nvcc: it flushes denormals, which would break bit equality.

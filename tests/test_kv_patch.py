@@ -282,6 +282,30 @@ def test_kernel_header_compiles_for_sm90(tmp_path):
             assert "FFMA" not in body, name
 
 
+def test_cuda_op_compiles_for_sm90(tmp_path):
+    """nvcc -c of the whole CUDA op (kv_patch_cuda.cu: the torch glue, the parameters, the
+    dispatch) against the installed torch's headers, as the extension build on a GPU machine
+    compiles it. A CPU-only torch lacks one generated header (c10/cuda/impl/cuda_cmake_macros.h);
+    a stand-in with the one macro a shared-library build defines is put first on the path."""
+    nvcc = _find_nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin): op compile check not run")
+    from torch.utils.cpp_extension import include_paths
+
+    incs = include_paths()
+    if not any((Path(i) / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").exists() for i in incs):
+        stub = tmp_path / "stub" / "c10" / "cuda" / "impl"
+        stub.mkdir(parents=True)
+        (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+        incs = [str(tmp_path / "stub"), *incs]
+    no_conv = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+               "-D__CUDA_NO_BFLOAT16_CONVERSIONS__"]
+    r = subprocess.run([nvcc, "-std=c++17", "-O3", "-arch=sm_90", *no_conv, *(f"-I{i}" for i in incs),
+                        f"-I{ROOT / 'csrc'}", "-c", str(ROOT / "csrc" / "kv_patch_cuda.cu"), "-o",
+                        str(tmp_path / "op.o")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+
+
 # ---- GPU ----------------------------------------------------------------------------------
 
 
