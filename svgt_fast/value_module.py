@@ -97,7 +97,10 @@ class SVGTConfig:
 
 
 def _guard(x: torch.Tensor) -> torch.Tensor:
-    return torch.nan_to_num(x.clamp(-_GUARD, _GUARD), nan=0.0, posinf=_GUARD, neginf=-_GUARD)
+    # ±1e6, or the dtype's largest finite value where that is smaller (fp16: 65504, where ±1e6
+    # cannot be represented and clamp() refuses it)
+    g = min(_GUARD, torch.finfo(x.dtype).max)
+    return torch.nan_to_num(x.clamp(-g, g), nan=0.0, posinf=g, neginf=-g)
 
 
 class ValueTransformer(nn.Module):

@@ -134,6 +134,34 @@ def test_value_guard_replaces_nan():
     assert torch.isfinite(z).all()
 
 
+def test_value_guard_in_fp16():
+    """The ±1e6 guard cannot be represented in fp16 (max 65504): there it clamps to fp16's range
+    (it raised before, so SVGT could not run on an fp16 backbone at all)."""
+    from svgt_fast.value_module import _guard
+
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 7.0, -60000.0], dtype=torch.float16)
+    assert _guard(x).tolist() == [0.0, 65504.0, -65504.0, 7.0, -60000.0]
+    assert _guard(torch.tensor([3e7, float("inf")])).tolist() == [1e6, 1e6]  # fp32: the reference's ±1e6
+    module = SVGTModule(_cfg()).half()
+    assert torch.isfinite(module.value(torch.randn(2, 48).half() * 1e4)).all()
+
+
+def test_svgt_on_an_fp16_backbone():
+    """SVGT on an fp16 model, both engines: it runs, steers, and the fast engine's greedy tokens
+    start as the reference's (fp16 rounding may part them later; fp32 is the exact bar)."""
+    import svgt_fast
+    from svgt_fast.tiny import build_tiny_model
+
+    model = build_tiny_model("llama", seed=1, dtype=torch.float16)
+    steering = svgt_fast.SVGT(build_value_module(model, seed=1), refresh_interval=2)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    fast = svgt_fast.generate(model, prompts, max_new_tokens=8, steering=steering, engine="fast")
+    ref = svgt_fast.generate(model, prompts, max_new_tokens=8, steering=steering, engine="reference")
+    plain = svgt_fast.generate(model, prompts, max_new_tokens=8, engine="fast")
+    assert torch.equal(fast.new_tokens[:, :4], ref.new_tokens[:, :4])
+    assert not torch.equal(fast.new_tokens, plain.new_tokens)
+
+
 @pytest.mark.parametrize("kw", [dict(generator="mlp"), dict(aggregate="transformer", attention_pooling=True)])
 def test_save_load_round_trip(tmp_path, kw):
     module = _randomize(SVGTModule(_cfg(**kw)), 7)
