@@ -226,6 +226,19 @@ def test_env_var_forces_torch_fallback():
     assert r.stdout.strip() == "torch"
 
 
+def test_build_inputs_follow_the_includes():
+    """A variant is stale when a file it compiles changed: its sources and the csrc/ headers they
+    include. (Listing every header for both variants made a CPU build look stale for ever after a
+    CUDA-only header changed: ninja had nothing to redo, so the library stayed older.)"""
+    from svgt_fast import _build
+
+    src = _build.csrc_dir()
+    cpu = {p.name for p in _build.build_inputs([src / f for f in _build.CPU_SOURCES])}
+    both = {p.name for p in _build.build_inputs([src / f for f in _build.CPU_SOURCES + _build.CUDA_SOURCES])}
+    assert cpu == {"torch_bindings.cpp", "kv_patch_cpu.cpp", "kv_patch.h"}
+    assert both == cpu | {"kv_patch_cuda.cu", "kv_patch_kernels.cuh", "kv_patch_params.h"}
+
+
 def test_failed_build_warns_and_falls_back(tmp_path):
     """A broken compiler: one warning, then the PyTorch implementation (an empty build dir forces a build)."""
     r = _python("from svgt_fast import _ops; print(_ops.kv_patch_backend())",
