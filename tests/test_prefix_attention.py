@@ -156,3 +156,17 @@ def test_rows_that_see_no_key_give_zero():
     assert not torch.isnan(want).any() and not torch.isnan(got).any()
     assert (got[pad] == 0).all() and (want[pad] == 0).all()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", [(32, 4), (16, 2), (64, 8)])
+def test_tile_configs_equal_reference(config):
+    """The benchmark-only tile override (BLOCK_N, num_warps) computes the same attention."""
+    from svgt_fast.kernels.prefix_attention import prefix_attention
+
+    q, kc, vc, kb, vb, P, bl = _case(6, B=2, M=3, Hq=4, Hkv=2, D=16, S=70, kmax=5)
+    q_pos = (P + bl)[:, None] + torch.arange(3)[None] + 40
+    args = [t.to(DEV) for t in (q, kc, vc, q_pos, P, bl, kb, vb)]
+    got = prefix_attention(*args, 0.25, n_splits=2, config=config)
+    torch.testing.assert_close(got, prefix_attention_ref(*args, 0.25), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="config"):
+        prefix_attention(*args, 0.25, config=(24, 4))

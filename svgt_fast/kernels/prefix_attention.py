@@ -191,6 +191,8 @@ def prefix_attention(
     n_slots: int | None = None,
     n_splits: int | None = None,
     seq_idx: torch.Tensor | None = None,
+    *,
+    config: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Triton prefix attention; same arguments and result as `prefix_attention_ref`.
 
@@ -201,6 +203,10 @@ def prefix_attention(
     seq_idx [B] int or None: query row b reads cache row seq_idx[b] (the caches may then hold
     any number of rows): a compacted sub-batch attends in place, without gathering caches.
     Returns a new [B, M, Hq, D] tensor in q's dtype.
+    config: (BLOCK_N, num_warps) instead of the default (64 for D <= 128, else 32; 4 warps) — for
+    benchmarks only. At D 128 the sm_90 build of the default spills (24 bytes per thread with a
+    bridge at BLOCK_M 16, 80-96 at BLOCK_M 64; tests/test_triton_compile.py prints them); BLOCK_N
+    32 does not. Which is faster is benchmarks/bench_prefix_attention.py's to say.
     """
     if q.dim() != 4:
         raise ValueError(f"prefix_attention: q must be [B, M, Hq, D], got {tuple(q.shape)}")
@@ -250,16 +256,19 @@ def prefix_attention(
     else:
         part_acc = part_ml = out  # unused
     grid = (B * Hkv, grid_m, n_splits)
+    block_n, num_warps = config or (64 if D <= 128 else 32, 4)
+    if block_n < 16 or block_n & (block_n - 1) or num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"prefix_attention: config {config} must be (BLOCK_N a power of two >= 16, num_warps)")
     _prefix_attention_kernel[grid](
         q, k_cache, v_cache, k_bridge, v_bridge, out, part_acc, part_ml,
         q_pos, prompt_len, bridge_len, q_pos if seq_idx is None else seq_idx,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *k_bridge.stride(), *v_bridge.stride(), *out.stride(),
         *q_pos.stride(),
         M, n_slots, per_split, float(scale),
-        G=G, HKV=Hkv, D=D, KMAX=kmax, BLOCK_M=block_m, BLOCK_N=64 if D <= 128 else 32,
+        G=G, HKV=Hkv, D=D, KMAX=kmax, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_BR=max(16, triton.next_power_of_2(kmax)), HAS_BRIDGE=has_bridge, SPLIT=split, HAS_SEQ=seq_idx is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4,
+        num_warps=num_warps,
     )
     if split:
         _merge_splits_kernel[(B * Hq * M,)](part_acc, part_ml, out, out.stride(0), out.stride(1), out.stride(2),
