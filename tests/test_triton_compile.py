@@ -101,6 +101,7 @@ def _record(monkeypatch) -> list[dict]:
 
     import svgt_fast
     from svgt_fast.kernels.prefix_attention import prefix_attention
+    from svgt_fast.tiny import build_tiny_model
     from svgt_fast.kernels.trigger import trigger
 
     launches = {}
@@ -120,6 +121,11 @@ def _record(monkeypatch) -> list[dict]:
     prompts = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10], [11]]
     for steering in _steering(model):
         svgt_fast.generate(model, prompts, max_new_tokens=3, engine=eng, steering=steering, eos_token_id=[])
+    # Qwen3's q/k norms over head_dim 128 (Qwen3-8B: 32/8 heads of 128; hidden size immaterial here)
+    qwen3 = build_tiny_model("qwen3", seed=0, dtype=torch.float16, hidden_size=256, intermediate_size=512,
+                             num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=128)
+    svgt_fast.generate(qwen3, prompts[:2], max_new_tokens=2, engine=svgt_fast.Engine(qwen3, max_batch=2, max_seq_len=16,
+                                                                                       attention="triton"))
 
     eight_b[0] = False  # below: real 8B head counts
     # GPU-only choices: split-K over a long context (merged by the second kernel), and the
@@ -155,6 +161,7 @@ def test_engine_kernel_launches_compile_for_sm90(monkeypatch, tmp_path):
     assert {s["name"] for s in launches} == wanted, "a kernel the engine has is not exercised here (or vice versa)"
     assert any(s["constexprs"].get("HAS_SEQ") for s in launches if s["name"] == "_prefix_attention_kernel")
     assert any(s["constexprs"].get("EDIT") for s in launches if s["name"] == "_silu_mul_kernel")
+    assert any(s["constexprs"].get("BLOCK") == 128 for s in launches if s["name"] == "_rms_norm_kernel")  # q/k norm
 
     path = tmp_path / "launches.json"
     path.write_text(json.dumps(launches, indent=1))
