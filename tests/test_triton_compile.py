@@ -138,7 +138,7 @@ def _record(monkeypatch) -> list[dict]:
     P, bl = torch.tensor([200, 100]), torch.tensor([5, 0])
     q_pos = (torch.tensor([S - 1, S - 1]) + bl)[:, None]
     prefix_attention(q, kc, vc, q_pos, P, bl, kb, vb, 0.088, n_splits=4)
-    prefix_attention(q, kc, vc, q_pos, P, bl, kb, vb, 0.088, config=(32, 4))  # bench_prefix_attention's variant
+    prefix_attention(q, kc, vc, q_pos, P, bl, kb, vb, 0.088, config=(64, 4))  # bench_prefix_attention's variant
     n, dv, d = 64, 128, 4096
     args = (torch.randn(n, dv, generator=g), torch.randn(n, d, generator=g).half(), torch.randn(n, d, generator=g).half(),
             torch.randn(dv // 2, dv, generator=g), torch.randn(dv // 2, generator=g), torch.randn(dv // 2, generator=g),

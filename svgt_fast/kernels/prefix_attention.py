@@ -163,6 +163,14 @@ def _check_seq_idx(seq_idx, B: int, n_rows: int, device) -> None:
         raise ValueError("seq_idx given but the caches hold no rows")
 
 
+# (BLOCK_N, num_warps). Key tiles of 32: at head size 128 the sm_90 builds of 64-key tiles spill
+# registers — decode with a bridge 24 bytes per thread (triton 3.9) / 176 (triton 3.6, the GPU
+# machine's), chunks 80-176 — while 32-key tiles spill nothing with either (tests/
+# test_triton_compile.py prints the compiler's report; benchmarks/NOTES.md has the table).
+# Chosen from that report before any timing: bench_prefix_attention.py times (64, 4) beside it.
+DEFAULT_CONFIG = (32, 4)
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -203,10 +211,7 @@ def prefix_attention(
     seq_idx [B] int or None: query row b reads cache row seq_idx[b] (the caches may then hold
     any number of rows): a compacted sub-batch attends in place, without gathering caches.
     Returns a new [B, M, Hq, D] tensor in q's dtype.
-    config: (BLOCK_N, num_warps) instead of the default (64 for D <= 128, else 32; 4 warps) — for
-    benchmarks only. At D 128 the sm_90 build of the default spills (24 bytes per thread with a
-    bridge at BLOCK_M 16, 80-96 at BLOCK_M 64; tests/test_triton_compile.py prints them); BLOCK_N
-    32 does not. Which is faster is benchmarks/bench_prefix_attention.py's to say.
+    config: (BLOCK_N, num_warps) instead of DEFAULT_CONFIG — for benchmarks only.
     """
     if q.dim() != 4:
         raise ValueError(f"prefix_attention: q must be [B, M, Hq, D], got {tuple(q.shape)}")
@@ -256,7 +261,7 @@ def prefix_attention(
     else:
         part_acc = part_ml = out  # unused
     grid = (B * Hkv, grid_m, n_splits)
-    block_n, num_warps = config or (64 if D <= 128 else 32, 4)
+    block_n, num_warps = config or DEFAULT_CONFIG
     if block_n < 16 or block_n & (block_n - 1) or num_warps not in (1, 2, 4, 8, 16):
         raise ValueError(f"prefix_attention: config {config} must be (BLOCK_N a power of two >= 16, num_warps)")
     _prefix_attention_kernel[grid](
