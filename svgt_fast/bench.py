@@ -86,10 +86,11 @@ def gpu_telemetry() -> dict:
         return {"gpu_telemetry": "absent: nvidia-ml-py (pynvml) not installed"}
     try:
         pynvml.nvmlInit()
-        h = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        h, matched = _nvml_handle(pynvml, torch.cuda.current_device())
         mem = pynvml.nvmlDeviceGetMemoryInfo(h)
         return {
             "gpu_telemetry": "nvml",
+            "nvml_device_matched_by": matched,
             "sm_clock_mhz": pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM),
             "mem_clock_mhz": pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_MEM),
             "power_w": pynvml.nvmlDeviceGetPowerUsage(h) / 1000.0,
@@ -98,6 +99,17 @@ def gpu_telemetry() -> dict:
         }
     except Exception as exc:  # telemetry must never break a benchmark run
         return {"gpu_telemetry": f"absent: NVML error {exc!r}"}
+
+
+def _nvml_handle(pynvml, device: int):
+    """NVML's handle of torch's CUDA device `device`, matched by UUID: NVML numbers every GPU of
+    the machine while torch numbers only those CUDA_VISIBLE_DEVICES lets it see, so the index is
+    the fallback only (the JSON says which matched)."""
+    try:
+        uuid = str(torch.cuda.get_device_properties(device).uuid)
+        return pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"), "uuid"
+    except Exception:  # an old torch without .uuid, or NVML does not know it
+        return pynvml.nvmlDeviceGetHandleByIndex(device), "index"
 
 
 # ---- timing ------------------------------------------------------------------------------------

@@ -213,3 +213,35 @@ def test_train_is_registered_or_says_it_is_unavailable(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "svgt_fast.train_cli", None)  # as if the module were missing
     rc, _, err = _run(capsys, "train")
     assert rc == 2 and "train is unavailable" in err
+
+
+def test_gpu_telemetry_reads_the_device_torch_uses(monkeypatch):
+    """The NVML path (never run without a GPU) against a stand-in NVML with two GPUs: torch's
+    device 0 is the machine's GPU 1 (CUDA_VISIBLE_DEVICES=1), so the handle comes by UUID, not
+    by index; without a UUID the index is used and the JSON says so."""
+    import sys
+    import types
+
+    from svgt_fast import bench
+
+    gpus = {"GPU-aaaa": dict(mem=10e9, clock=1980, power=350_000), "GPU-bbbb": dict(mem=20e9, clock=1755, power=700_000)}
+    nvml = types.SimpleNamespace(
+        NVML_CLOCK_SM=0, NVML_CLOCK_MEM=1, nvmlInit=lambda: None,
+        nvmlDeviceGetHandleByUUID=lambda u: gpus[u],
+        nvmlDeviceGetHandleByIndex=lambda i: list(gpus.values())[i],
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=h["mem"], total=80e9),
+        nvmlDeviceGetClockInfo=lambda h, kind: h["clock"] if kind == 0 else 2619,
+        nvmlDeviceGetPowerUsage=lambda h: h["power"])
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    props = types.SimpleNamespace(uuid="bbbb")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: props)
+    t = bench.gpu_telemetry()
+    assert t == {"gpu_telemetry": "nvml", "nvml_device_matched_by": "uuid", "sm_clock_mhz": 1755,
+                 "mem_clock_mhz": 2619, "power_w": 700.0, "gpu_mem_used_gb": 20.0, "gpu_mem_total_gb": 80.0}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace())  # no .uuid
+    t = bench.gpu_telemetry()
+    assert t["nvml_device_matched_by"] == "index" and t["sm_clock_mhz"] == 1980
+    nvml.nvmlInit = lambda: (_ for _ in ()).throw(RuntimeError("driver not loaded"))
+    assert bench.gpu_telemetry()["gpu_telemetry"].startswith("absent: NVML error")
