@@ -62,3 +62,22 @@ def test_benchmark_step_runs_its_smoke_harness(name, tmp_path):
         for m in modes:
             for i in intervals:
                 assert any(w.startswith(f"engine_svgt_{m}_") and w.endswith(f"_r{i}") for w in whats), (m, i, whats)
+
+
+def test_decode_launch_count_is_the_fused_step():
+    """benchmarks/count_decode_launches.py on the tiny Llama (5 layers): per decode step, per
+    layer 4 GEMMs (fused QKV, O, fused gate/up, down) and 5 Triton kernels (norm, RoPE + cache
+    write, attention, add + norm, SwiGLU), plus the final norm and the logits GEMM — the graph a
+    GPU replays per token (a structural count, not a timing)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "benchmarks/count_decode_launches.py"], capture_output=True, text=True,
+                         cwd=ROOT, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    counts = {line.split()[1]: float(line.split()[0]) for line in res.stdout.splitlines()[1:]}
+    L = 5
+    assert counts["mm.default"] == 4 * L + 1
+    assert counts["_rms_norm_kernel"] == 2 * L + 1
+    for k in ("_rope_cache_write_kernel", "_prefix_attention_kernel", "_silu_mul_kernel"):
+        assert counts[k] == L, (k, counts)
+    total = float(res.stdout.split(" kernels = ")[0].split()[-1])
+    assert total <= 9 * L + 15, res.stdout  # ~11 per step besides the layers (sampling, EOS, embedding)
