@@ -16,7 +16,6 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
-import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 NO_KERNEL = ("empty", "empty_like", "new_empty", "empty_strided", "_unsafe_view", "_local_scalar_dense")
