@@ -173,8 +173,7 @@ class Engine(RefreshSteps):
         N = qkv.shape[0]
         q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
         q, k, v = q.view(N, Hq, D), k.view(N, Hkv, D), v.view(N, Hkv, D)
-        if w.q_norm is not None:  # Qwen3 qk-norm
-            q, k = rms_norm(q, w.q_norm, w.eps), rms_norm(k, w.k_norm, w.eps)
+        qk_norm = None if w.q_norm is None else (w.q_norm, w.k_norm, w.eps)  # Qwen3: fused into RoPE + write
         rotated = []
         for sg in segs:
             rows = slice(sg.offset, sg.offset + sg.B * sg.M)
@@ -182,7 +181,7 @@ class Engine(RefreshSteps):
             shape = lambda t: t[rows].view(sg.B, sg.M, *t.shape[1:])
             rotated.append(rope_cache_write(shape(q), shape(k), shape(v), self.cos, self.sin, sg.logical,
                                             sg.prompt_len, sg.bridge_len, kc, vc, kb, vb,
-                                            n_tok_slots=self.max_seq_len, seq_idx=sg.seq))
+                                            n_tok_slots=self.max_seq_len, seq_idx=sg.seq, qk_norm=qk_norm))
         attn = []
         for sg, qs in zip(segs, rotated):
             kc, vc, kb, vb = self._caches(i, sg.B, use_bridge, sg.seq)

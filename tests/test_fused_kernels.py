@@ -100,6 +100,31 @@ def test_rope_cache_write(device, dtype, bridge):
         assert (caches[0][2] == 7).all()
 
 
+@pytest.mark.parametrize("device,dtype", CASES)
+def test_rope_cache_write_with_qk_norm(device, dtype):
+    """Qwen3's per-head RMSNorm fused in front of the rotation equals rms_norm_ref then RoPE. The
+    kernel sums the two halves' squares separately, so fp32 may differ from torch's mean in the
+    last bit; the activation-dtype results are compared to within one rounding of that dtype."""
+    from svgt_fast.kernels.rope_cache_write import rope_cache_write
+
+    q, k, v, cos, sin, logical, P, bl, S, kmax = _rope_case(4, device, dtype)
+    B, Hkv, D = q.shape[0], k.shape[2], q.shape[3]
+    g = torch.Generator().manual_seed(4)
+    qn, kn = ((1 + 0.3 * torch.randn(D, generator=g)).to(device, dtype) for _ in range(2))
+    caches = [[torch.zeros(B, Hkv, S, D, device=device, dtype=dtype) for _ in range(2)] for _ in range(2)]
+    outs = [fn(q * 3, k * 3, v, cos, sin, logical, P, bl, *c, n_tok_slots=S, qk_norm=(qn, kn, 1e-6))
+            for fn, c in ((rope_cache_write, caches[0]), (rope_cache_write_ref, caches[1]))]
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(outs[0], outs[1], rtol=2 * eps, atol=2 * eps)
+    for got, want in zip(caches[0], caches[1]):
+        torch.testing.assert_close(got, want, rtol=2 * eps, atol=2 * eps)
+    plain = rope_cache_write_ref(q * 3, k * 3, v, cos, sin, logical, P, bl, *[torch.zeros_like(c) for c in caches[1]],
+                                 n_tok_slots=S)
+    assert not torch.allclose(plain, outs[1])  # the norm did something
+    with pytest.raises(ValueError, match="norm weight"):
+        rope_cache_write(q, k, v, cos, sin, logical, P, bl, *caches[0], qk_norm=(qn[:-1], kn, 1e-6))
+
+
 @pytest.mark.parametrize("device,dtype", CASES[:1])
 def test_rope_cache_write_seq_idx(device, dtype):
     """A compacted sub-batch writes cache rows seq_idx[b] of the full caches in place: the same

@@ -6,7 +6,7 @@ The CPU tests run the kernels in Triton's interpreter, which accepts code the co
 the interpreter on the Llama-3-8B layer shape (d 4096, heads of 128 in groups of 4, SwiGLU 14336;
 six layers, a quarter of the heads, small vocab, zero weights: values do not matter here), with
 every steering kind in one batch, plus the paths the engine takes only on a GPU (split-K attention and its merge) and the
-trigger kernel at batch 64; record each launch's argument types, constexprs and launch options;
+trigger kernel at batch 64, Qwen3's q/k norms; record each launch's argument types, constexprs and launch options;
 then compile each one for sm_90 with the installed Triton in a separate process (no
 interpreter), once as recorded (fp16) and once with bf16 data. Integer arguments are compiled
 unspecialised (the JIT may also build versions for values 1 or multiples of 16).
@@ -121,7 +121,7 @@ def _record(monkeypatch) -> list[dict]:
     prompts = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10], [11]]
     for steering in _steering(model):
         svgt_fast.generate(model, prompts, max_new_tokens=3, engine=eng, steering=steering, eos_token_id=[])
-    # Qwen3's q/k norms over head_dim 128 (Qwen3-8B: 32/8 heads of 128; hidden size immaterial here)
+    # Qwen3's q/k norms (fused into RoPE + write) over head_dim 128 (Qwen3-8B: 32/8 heads of 128)
     qwen3 = build_tiny_model("qwen3", seed=0, dtype=torch.float16, hidden_size=256, intermediate_size=512,
                              num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=128)
     svgt_fast.generate(qwen3, prompts[:2], max_new_tokens=2, engine=svgt_fast.Engine(qwen3, max_batch=2, max_seq_len=16,
@@ -161,7 +161,7 @@ def test_engine_kernel_launches_compile_for_sm90(monkeypatch, tmp_path):
     assert {s["name"] for s in launches} == wanted, "a kernel the engine has is not exercised here (or vice versa)"
     assert any(s["constexprs"].get("HAS_SEQ") for s in launches if s["name"] == "_prefix_attention_kernel")
     assert any(s["constexprs"].get("EDIT") for s in launches if s["name"] == "_silu_mul_kernel")
-    assert any(s["constexprs"].get("BLOCK") == 128 for s in launches if s["name"] == "_rms_norm_kernel")  # q/k norm
+    assert any(s["constexprs"].get("QK_NORM") for s in launches if s["name"] == "_rope_cache_write_kernel")
 
     path = tmp_path / "launches.json"
     path.write_text(json.dumps(launches, indent=1))

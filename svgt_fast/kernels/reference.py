@@ -140,12 +140,15 @@ def apply_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
 
 
 def rope_cache_write_ref(q, k, v, cos, sin, logical, prompt_len, bridge_len, k_cache, v_cache,
-                         k_bridge=None, v_bridge=None, n_tok_slots=None, seq_idx=None) -> torch.Tensor:
-    """The definition of kernels/rope_cache_write.py: rotate q, k at min(logical, n_pos - 1);
+                         k_bridge=None, v_bridge=None, n_tok_slots=None, seq_idx=None, qk_norm=None) -> torch.Tensor:
+    """The definition of kernels/rope_cache_write.py: with qk_norm = (q_weight, k_weight, eps),
+    RMS-normalise each q and k head first (rms_norm_ref); rotate q, k at min(logical, n_pos - 1);
     write k, v of each row with logical >= 0 to its storage (logical_to_storage) — token rows
     only below n_tok_slots, bridge rows only when a bridge buffer is given — in cache row b, or
     seq_idx[b] when given. Returns rotated q."""
     B, M = logical.shape
+    if qk_norm is not None:
+        q, k = rms_norm_ref(q, qk_norm[0], qk_norm[2]), rms_norm_ref(k, qk_norm[1], qk_norm[2])
     pos = logical.clamp(0, cos.shape[0] - 1)
     c, s = cos[pos], sin[pos]
     q, k = apply_rope_ref(q, c, s), apply_rope_ref(k, c, s)
