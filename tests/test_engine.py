@@ -6,7 +6,7 @@ from svgt_fast import SVGT, generate
 from svgt_fast.engine import Engine
 from svgt_fast.tiny import build_tiny_model, build_value_module
 
-from helpers import ragged_prompts
+from helpers import check_bf16_bar, ragged_prompts
 
 N_NEW = 12
 
@@ -160,3 +160,12 @@ def test_teacher_forcing_scores_a_continuation(tiny_models):
     assert torch.equal(forced_toks, other)
     torch.testing.assert_close(other_logits[0], free_logits[0], rtol=0, atol=0)
     assert (other_logits[1] - free_logits[1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_bf16_bar_on_cpu(family):
+    """Issue 3's bf16 bar (helpers.check_bf16_bar, run on the 8B shape by tests/test_gpu.py) on a
+    tiny bf16 model on the CPU: logits within 2x HF bf16's error against fp32, teacher-forced
+    greedy equal to HF bf16 except at bf16 ties. Also tests the check itself before a GPU runs it."""
+    model = build_tiny_model(family, seed=21, dtype=torch.bfloat16, num_hidden_layers=3)
+    check_bf16_bar(model, n_new=16, lengths=(9, 14))
