@@ -8,9 +8,12 @@ def interpreter_problem(dtype=None) -> str | None:
     - Triton < 3.7's interpreter turns a runtime int argument into a 1-element array and calls
       int() on it, which NumPy >= 2.4 refuses: every kernel with a loop bound taken from an
       argument fails with an obscure TypeError.
-    - The interpreter keeps bfloat16 as raw uint16 bits and its tl.dot multiplies those bits
-      (values ~1e10; triton-lang/triton#11584, "not supported yet"): the attention kernel's
-      bf16 results there are garbage, not rounding. fp16 is the low-precision case on CPU."""
+    - The interpreter keeps bfloat16 as raw uint16 bits: its tl.dot multiplies those bits
+      (values ~1e10; triton-lang/triton#11584, "not supported yet"), so the attention kernel's
+      bf16 results there are garbage, and its fp32 -> bf16 casts truncate instead of rounding to
+      nearest even (half of random values come out one ulp off; triton 3.6 and 3.9). A bf16
+      load cast to fp32 is exact, so kernels that only read bf16 (the trigger) are testable;
+      for the rest fp16 is the low-precision case on CPU."""
     import numpy
     import torch
     import triton
@@ -18,7 +21,8 @@ def interpreter_problem(dtype=None) -> str | None:
 
     if dtype == torch.bfloat16:
         return ("Triton's CPU interpreter cannot run bfloat16 matrix products (it multiplies the raw bits; "
-                "triton-lang/triton#11584): use float16 or float32 on CPU, or attention='torch'")
+                "triton-lang/triton#11584) and truncates when it casts to bfloat16: use float16 or float32 on CPU, "
+                "or attention='torch'")
     if Version(triton.__version__).release < (3, 7) and Version(numpy.__version__).release >= (2, 4):
         return (f"Triton {triton.__version__}'s CPU interpreter cannot run kernels with NumPy {numpy.__version__}: "
                 "install numpy<2.4 or triton>=3.7 (compiled GPU kernels are not affected)")
