@@ -131,6 +131,8 @@ def run_if(engine, pred: torch.Tensor, body) -> None:
     the device; while warming up for a capture, body always runs (its kernels compile, and the
     writes land before the prefill like the rest of a warm-up); otherwise (eager, CPU, graph
     emulation) pred is read on the host. body writes its results in place."""
+    if pred.dtype != torch.bool or pred.numel() != 1:  # torch reads it as one bool on the device
+        raise TypeError(f"run_if: pred must be a one-element bool tensor, got {pred.dtype} {tuple(pred.shape)}")
     phase = engine.graph_phase
     if phase == "warmup":
         body()
