@@ -96,7 +96,7 @@ def main():
                       "time_vs_sdpa_no_bridge"])
 
     def plot(ax):
-        for name in ("triton_prefix", "sdpa_no_bridge", "concat_sdpa"):
+        for name in ("triton_prefix", "triton_prefix_block_n64", "sdpa_no_bridge", "concat_sdpa"):
             sel = [r for r in rows if r["kernel"] == name and r["rep"] == 1]
             ax.bar([f"{r['batch']}x{r['context']}\n{name}" for r in sel], [r["tb_s"] for r in sel], label=name)
         ax.set_ylabel("effective TB/s")

@@ -55,7 +55,7 @@ def main():
     print_table(rows, ["kernel", "batch", "rep", "us", "p10_us", "p90_us"])
 
     def plot(ax):
-        for name in ("triton_trigger", "torch_trigger_no_compaction"):
+        for name in ("triton_trigger", "triton_trigger_blockd128_4warps", "torch_trigger_no_compaction"):
             sel = [r for r in rows if r["kernel"] == name and r["rep"] == 1]
             ax.plot([r["batch"] for r in sel], [r["us"] for r in sel], marker="o", label=name)
         ax.set_xlabel("batch")
