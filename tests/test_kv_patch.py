@@ -118,8 +118,9 @@ def test_torch_fallback_matches_reference(dtype, rope):
         assert torch.equal(bits(got), bits(want))
 
 
-def test_random_large(backend):
-    """Seeded random rows, H=8, D=128, long T: one bulk patch as at a refresh."""
+def bulk_case():
+    """Seeded random rows, H=8, D=128, long T, bf16: one bulk patch as at a refresh. Returns
+    (cache, src, seq_idx, dst_slot, [no RoPE extras, RoPE extras (cos, sin, positions)])."""
     g = torch.Generator().manual_seed(11)
     B, H, S, D, N, T = 6, 8, 300, 128, 6, 97
     cache = torch.randn(B, H, S, D, generator=g).to(torch.bfloat16)
@@ -129,7 +130,13 @@ def test_random_large(backend):
     ang = torch.rand(S + T, D // 2, generator=g) * 3
     cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
     positions = dst_slot.clamp(min=0)[:, None] + torch.arange(T)
-    for extra in ((None, None, None), (cos, sin, positions)):
+    return cache, src, seq_idx, dst_slot, [(None, None, None), (cos, sin, positions)]
+
+
+def test_random_large(backend):
+    """One bulk patch as at a refresh (bulk_case), without and with RoPE."""
+    cache, src, seq_idx, dst_slot, extras = bulk_case()
+    for extra in extras:
         got, want = cache.clone(), cache.clone()
         _ops.kv_patch(got, src, seq_idx, dst_slot, *extra)
         kv_patch_ref(want, src, seq_idx, dst_slot, *extra)

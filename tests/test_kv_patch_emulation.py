@@ -13,7 +13,7 @@ import torch
 
 from svgt_fast import _build
 from svgt_fast.kernels.reference import kv_patch_ref
-from test_kv_patch import DTYPES, bits, cache_view, make_case, run_case, written_mask
+from test_kv_patch import DTYPES, bits, bulk_case, cache_view, make_case, run_case, written_mask
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,17 +90,9 @@ def test_unaligned_view_takes_the_scalar_kernel(emulated, no_misaligned_access):
 
 
 def test_many_blocks_long_rows_with_rope(emulated, no_misaligned_access):
-    """A refresh-sized bulk patch: 776 chunks per row -> 4 blocks along x, 8 heads, RoPE."""
-    g = torch.Generator().manual_seed(11)
-    B, H, S, D, N, T = 6, 8, 300, 128, 6, 97
-    cache = torch.randn(B, H, S, D, generator=g).to(torch.bfloat16)
-    src = torch.randn(N, H, T, D, generator=g).to(torch.bfloat16)
-    seq_idx = torch.randperm(B, generator=g)[:N]
-    dst_slot = torch.randint(-20, S, (N,), generator=g)
-    ang = torch.rand(S + T, D // 2, generator=g) * 3
-    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
-    positions = dst_slot.clamp(min=0)[:, None] + torch.arange(T)
-    for extra in ((None, None, None), (cos, sin, positions)):
+    """test_kv_patch's refresh-sized bulk patch: 776 chunks per row -> 4 blocks along x, 8 heads, RoPE."""
+    cache, src, seq_idx, dst_slot, extras = bulk_case()
+    for extra in extras:
         got, want = cache.clone(), cache.clone()
         assert emulated(got, src, seq_idx, dst_slot, *extra, False) == 1
         kv_patch_ref(want, src, seq_idx, dst_slot, *extra)
