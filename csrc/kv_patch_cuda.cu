@@ -1,8 +1,8 @@
 // kv_patch on CUDA: the thin torch layer over csrc/kv_patch_kernels.cuh. Checks metadata on the
-// host (kv_patch_params.h builds the kernel parameters), picks the 16-byte or the scalar kernel,
-// launches on the current stream. Never reads an
-// index on the host and never allocates, so it is safe inside CUDA graph capture; indices out of
-// range are skipped on the device (see the kernel header).
+// host, takes the kernel parameters and instantiation from kv_patch_params.h, picks the 16-byte
+// or the scalar kernel, launches on the current stream. Never reads an index on the host and
+// never allocates, so it is safe inside CUDA graph capture; indices out of range are skipped on
+// the device (see the kernel header).
 #include "kv_patch.h"
 #include "kv_patch_kernels.cuh"
 #include "kv_patch_params.h"
@@ -13,21 +13,6 @@
 #include <torch/library.h>
 
 namespace svgt_fast {
-namespace {
-
-// T is the CUDA element type (float, __half, __nv_bfloat16: the bit layouts of float,
-// at::Half, at::BFloat16); cos/sin are T or float.
-template <typename T>
-void launch(const KvPatchParams& p, bool rope, bool cos_fp32, bool vec, cudaStream_t stream) {
-  if (!rope)
-    C10_CUDA_CHECK((launch_kv_patch<T, T, false>(p, vec, stream)));
-  else if (cos_fp32)
-    C10_CUDA_CHECK((launch_kv_patch<T, float, true>(p, vec, stream)));
-  else
-    C10_CUDA_CHECK((launch_kv_patch<T, T, true>(p, vec, stream)));
-}
-
-}  // namespace
 
 void kv_patch_cuda(at::Tensor& cache, const at::Tensor& src, const at::Tensor& seq_idx, const at::Tensor& dst_slot,
                    const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
@@ -39,20 +24,9 @@ void kv_patch_cuda(at::Tensor& cache, const at::Tensor& src, const at::Tensor& s
   const KvPatchParams p = detail::kv_patch_params(cache, src, seq_idx, dst_slot, cos, sin, positions, rope, &cos_elem);
   const bool vec = kv_patch_can_vectorize(p, static_cast<int>(cache.element_size()), cos_elem, rope);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const bool cos_fp32 = rope && cos->scalar_type() == at::kFloat;
-  switch (cache.scalar_type()) {
-    case at::kFloat:
-      launch<float>(p, rope, cos_fp32, vec, stream);
-      break;
-    case at::kHalf:
-      launch<__half>(p, rope, cos_fp32, vec, stream);
-      break;
-    case at::kBFloat16:
-      launch<__nv_bfloat16>(p, rope, cos_fp32, vec, stream);
-      break;
-    default:
-      TORCH_CHECK(false, "kv_patch_cuda: unsupported dtype ", cache.scalar_type());
-  }
+  detail::dispatch_kv_patch(cache, cos, [&](auto t, auto c, auto r) {
+    C10_CUDA_CHECK((launch_kv_patch<decltype(t), decltype(c), decltype(r)::value>(p, vec, stream)));
+  });
 }
 
 }  // namespace svgt_fast

@@ -1,9 +1,10 @@
-// The kernel's parameters from the op's tensors (host code, ATen only): the CUDA op builds them
-// here, and so does the CPU emulation of the CUDA kernel in tests/csrc/, which therefore runs
-// the kernel on exactly the pointers, strides and flags a GPU launch would get.
+// The kernel's parameters and instantiation from the op's tensors (host code, ATen only): the CUDA
+// op takes them from here, and so does the CPU emulation of the CUDA kernel in tests/csrc/, which
+// therefore runs the kernel on exactly the pointers, strides, flags and types a GPU launch gets.
 #pragma once
 
 #include <limits>
+#include <type_traits>
 
 #include "kv_patch.h"
 #include "kv_patch_kernels.cuh"
@@ -42,6 +43,35 @@ inline KvPatchParams kv_patch_params(at::Tensor& cache, const at::Tensor& src, c
     *cos_elem = static_cast<int>(cos->element_size());
   }
   return p;
+}
+
+// Calls f(T{}, CosT{}, std::bool_constant<ROPE>{}) for the kernel instantiation the op's tensors
+// need (arguments already passed check_kv_patch_args, so RoPE = cos given): T the CUDA element
+// type of the cache (float, __half, __nv_bfloat16: the bit layouts of float, at::Half,
+// at::BFloat16), CosT that of cos/sin (T, or float). The CUDA op launches it; the CPU emulation
+// in tests/csrc/ runs it.
+template <typename F>
+void dispatch_kv_patch(const at::Tensor& cache, const std::optional<at::Tensor>& cos, F&& f) {
+  const bool rope = cos.has_value(), cos_fp32 = rope && cos->scalar_type() == at::kFloat;
+  auto with = [&](auto t) {
+    using T = decltype(t);
+    if (!rope)
+      f(T{}, T{}, std::false_type{});
+    else if (cos_fp32)
+      f(T{}, float{}, std::true_type{});
+    else
+      f(T{}, T{}, std::true_type{});
+  };
+  switch (cache.scalar_type()) {
+    case at::kFloat:
+      return with(float{});
+    case at::kHalf:
+      return with(__half{});
+    case at::kBFloat16:
+      return with(__nv_bfloat16{});
+    default:
+      TORCH_CHECK(false, "kv_patch: unsupported dtype ", cache.scalar_type());
+  }
 }
 
 }  // namespace detail

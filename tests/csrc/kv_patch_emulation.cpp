@@ -3,9 +3,10 @@
 // Compiled by a host C++ compiler against the CUDA headers: without nvcc, __global__ and
 // __device__ expand to nothing, so csrc/kv_patch_kernels.cuh's kernel is a plain function. The
 // grid it would be launched on (kv_patch_launch_config) is walked one thread at a time, with the
-// launch parameters the CUDA op builds (kv_patch_params) and the 16-byte/scalar choice it makes
-// (kv_patch_can_vectorize). Threads of this kernel share nothing (no shared memory, no sync), so
-// running them in sequence gives the GPU's result whenever rows write distinct slots. Built with
+// launch parameters the CUDA op builds (kv_patch_params), the 16-byte/scalar choice it makes
+// (kv_patch_can_vectorize) and the kernel instantiation it picks (dispatch_kv_patch). Threads of
+// this kernel share nothing (no shared memory, no sync), so running them in sequence gives the
+// GPU's result whenever rows write distinct slots. Built with
 // -fsanitize=alignment, a 16-byte access to an address that is not 16-byte aligned is reported.
 // Not exercised: the device's own float rounding (the _rn intrinsics are plain IEEE float ops
 // here, built with -ffp-contract=off) and the <<<>>> launch line.
@@ -49,16 +50,6 @@ void run_grid(const KvPatchParams& p, bool vectorize) {
         }
 }
 
-template <typename T>
-void dispatch(const KvPatchParams& p, bool rope, bool cos_fp32, bool vec) {
-  if (!rope)
-    run_grid<T, T, false>(p, vec);
-  else if (cos_fp32)
-    run_grid<T, float, true>(p, vec);
-  else
-    run_grid<T, T, true>(p, vec);
-}
-
 // Same arguments as svgt_fast::kv_patch (CPU tensors), plus force_scalar; returns 1 when the
 // 16-byte kernel ran, 0 for the scalar one.
 int64_t kv_patch_emulated(at::Tensor cache, const at::Tensor& src, const at::Tensor& seq_idx,
@@ -70,20 +61,9 @@ int64_t kv_patch_emulated(at::Tensor cache, const at::Tensor& src, const at::Ten
   int cos_elem = 0;
   const KvPatchParams p = detail::kv_patch_params(cache, src, seq_idx, dst_slot, cos, sin, positions, rope, &cos_elem);
   const bool vec = !force_scalar && kv_patch_can_vectorize(p, static_cast<int>(cache.element_size()), cos_elem, rope);
-  const bool cos_fp32 = rope && cos->scalar_type() == at::kFloat;
-  switch (cache.scalar_type()) {
-    case at::kFloat:
-      dispatch<float>(p, rope, cos_fp32, vec);
-      break;
-    case at::kHalf:
-      dispatch<__half>(p, rope, cos_fp32, vec);
-      break;
-    case at::kBFloat16:
-      dispatch<__nv_bfloat16>(p, rope, cos_fp32, vec);
-      break;
-    default:
-      TORCH_CHECK(false, "kv_patch_emulated: unsupported dtype ", cache.scalar_type());
-  }
+  detail::dispatch_kv_patch(cache, cos, [&](auto t, auto c, auto r) {
+    run_grid<decltype(t), decltype(c), decltype(r)::value>(p, vec);
+  });
   return vec ? 1 : 0;
 }
 
