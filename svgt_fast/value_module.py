@@ -186,8 +186,10 @@ def gradient_delta(discriminator: Discriminator, z: torch.Tensor, step_size: flo
 
 def _delta_from(s: torch.Tensor, g: torch.Tensor, z: torch.Tensor, step_size) -> torch.Tensor:
     n = g.norm(dim=-1, keepdim=True) + 1e-8
-    step = torch.as_tensor(step_size, dtype=z.dtype, device=z.device)
-    if step.dim() == 1:
+    # a float stays a Python scalar: a tensor made from it inside a captured step would be a
+    # host-to-device copy, which a CUDA graph capture refuses
+    step = step_size.to(z.dtype) if isinstance(step_size, torch.Tensor) else float(step_size)
+    if isinstance(step, torch.Tensor) and step.dim() == 1:
         step = step[:, None]
     return -step * (F.relu(s)[:, None] / n) * (g / n)
 
