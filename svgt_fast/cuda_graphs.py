@@ -94,12 +94,20 @@ def graph_pool(engine):
 
 def capture(engine, step):
     """(graph, outputs): warm up on a side stream (compiles the Triton kernels, every branch of
-    `run_if` included), then capture. On CPU (engine.graph_emulation, for tests) an
-    `_EmulatedGraph` stands in, so the bucket, dummy-row and static-buffer logic around the
-    graphs runs where there is no GPU."""
+    `run_if` included), then capture. On CPU (engine.graph_emulation, for tests) the same
+    warm-up runs, then an `EmulatedGraph` records the step and replays it as a CUDA graph would
+    (emulated_graph.py), so the graph path is tested where there is no GPU."""
     if engine.device.type != "cuda":
-        graph = _EmulatedGraph(step)
-        return graph, graph.out
+        from .emulated_graph import EmulatedGraph
+
+        try:
+            engine.graph_phase = "warmup"
+            step()  # once: its writes land as on a GPU; there is nothing to compile
+            graph = engine.graph_phase = EmulatedGraph()
+            out = graph.capture(step)
+        finally:
+            engine.graph_phase = None
+        return graph, out
     dev = engine.device
     side = torch.cuda.Stream(dev)
     side.wait_stream(torch.cuda.current_stream(dev))
@@ -129,8 +137,9 @@ def run_if(engine, pred: torch.Tensor, body) -> None:
     """Run body() when the 0-d bool tensor pred is true, without a host sync inside a graph:
     while a graph is captured, body becomes a conditional node that the replay evaluates on
     the device; while warming up for a capture, body always runs (its kernels compile, and the
-    writes land before the prefill like the rest of a warm-up); otherwise (eager, CPU, graph
-    emulation) pred is read on the host. body writes its results in place."""
+    writes land before the prefill like the rest of a warm-up); otherwise (eager) pred is read
+    on the host. Under graph emulation on CPU the phase is an `EmulatedGraph`, which records a
+    conditional node as a GPU capture does. body writes its results in place."""
     if pred.dtype != torch.bool or pred.numel() != 1:  # torch reads it as one bool on the device
         raise TypeError(f"run_if: pred must be a one-element bool tensor, got {pred.dtype} {tuple(pred.shape)}")
     phase = engine.graph_phase
@@ -146,26 +155,6 @@ def run_if(engine, pred: torch.Tensor, body) -> None:
         body()
 
 
-class _EmulatedGraph:
-    """CPU stand-in for a CUDA graph: replay() re-runs the step on the static inputs and writes
-    the results into the capture's output tensors, as a real replay overwrites them."""
-
-    def __init__(self, step):
-        self.step = step
-        self.out = step()
-
-    def replay(self):
-        _copy_into(self.out, self.step())
-
-
-def _copy_into(dst, src):
-    if isinstance(dst, torch.Tensor):
-        dst.copy_(src)
-    else:
-        for d, s_ in zip(dst, src):
-            _copy_into(d, s_)
-
-
 class GraphedDecode:
     """Callable like the eager step: (tok [B], t, P [B], bridge_len [B], seeds [B], p_max) -> (tok, logits)."""
 
@@ -178,8 +167,10 @@ class GraphedDecode:
         self.seeds = torch.zeros(bucket, dtype=torch.long, device=dev)
         self.t = torch.ones((), dtype=torch.long, device=dev)
         self.sampling = DeviceSampling(sampling, dev)
-
-        plan.materialize(dev)
+        # The graph reads the plan's device tensors (rows, member masks, edits) where they lay at
+        # capture and keeps no reference to them: the runner keeps them alive. (A later call's
+        # plan is a new object; without this its first replay read freed memory.)
+        self.plan = plan.materialize(dev)
 
         def step():
             return engine.decode_step(self.tok, self.t, self.P, self.bridge_len, self.seeds, self.sampling,
@@ -242,8 +233,7 @@ class GraphedRefresh:
                       torch.zeros(bucket, engine.w.hidden_size, dtype=engine.dtype, device=dev),  # h_ref
                       torch.zeros(bucket, dtype=torch.long, device=dev))                          # triggers
         self.sampling = DeviceSampling(sampling, dev)
-
-        plan.materialize(dev)  # index tensors made before the capture
+        self.plan = plan.materialize(dev)  # index tensors made before the capture, kept alive (GraphedDecode)
 
         def step():
             return engine.refresh_step(self.tok, self.t, self.P, self.state, self.seeds, self.sampling,
