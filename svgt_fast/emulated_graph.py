@@ -37,6 +37,13 @@ HOST_SYNC_OPS = frozenset({
     "allclose", "unique", "_unique", "_unique2", "unique_dim", "unique_consecutive", "bincount", "histc",
     "repeat_interleave",  # the Tensor-repeats form sizes its output from the values (no output_size)
 })
+# Random ops: refused inside a conditional body (the graph's RNG offset bookkeeping assumes every
+# recorded draw runs at each replay); fine elsewhere in a graph.
+RANDOM_OPS = frozenset({
+    "uniform", "uniform_", "normal", "normal_", "bernoulli", "bernoulli_", "exponential", "exponential_",
+    "geometric_", "cauchy_", "log_normal_", "random_", "multinomial", "rand", "rand_like", "randn", "randn_like",
+    "randint", "randint_like", "randperm", "native_dropout", "poisson", "_standard_gamma", "binomial",
+})
 # Tensor methods that read values on the host without dispatching an op on a CPU tensor.
 HOST_READ_METHODS = frozenset({"item", "tolist", "numpy", "__array__"})
 # Tensors made from host data: a pageable host-to-device copy, which a capture refuses.
@@ -243,6 +250,9 @@ class _Recorder(TorchDispatchMode):
             raise GraphCaptureError(
                 "a tensor made from host data inside a captured step (torch.tensor(...)): a capture refuses the "
                 "pageable copy, and the value would be frozen; make it before the capture")
+        if name in RANDOM_OPS and len(graph._nodes) > 1:
+            raise GraphCaptureError(f"aten.{name} inside a conditional node: draw the random numbers outside the "
+                                    f"conditional body")
         out = func(*args, **kwargs)
         if name in ALLOC_OPS or name in HOST_DATA_OPS:
             graph._nodes[-1].append(_Alloc(out, constant=name in HOST_DATA_OPS))

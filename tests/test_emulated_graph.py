@@ -93,6 +93,25 @@ def test_conditional_node_runs_on_the_replayed_predicate():
     assert bool(pred) and out.tolist() == [3.0, 3.0]
 
 
+def test_random_draw_inside_a_conditional_body_is_refused():
+    g = EmulatedGraph()
+
+    def step():
+        u = torch.rand(2)  # outside a conditional body: fine
+        g.begin_capture_to_if_node(u.sum() > 0)
+        torch.rand(2)
+        g.end_capture_to_conditional_node()
+
+    with pytest.raises(GraphCaptureError, match="inside a conditional node"):
+        g.capture(step)
+
+
+def test_indexing_with_a_0d_device_tensor_is_a_host_read():
+    x, i = torch.arange(4.0), torch.tensor(2)
+    with pytest.raises(GraphCaptureError, match="reads a device value on the host"):
+        EmulatedGraph().capture(lambda: x[i] + 1)
+
+
 def test_conditional_node_misuse():
     g = EmulatedGraph()
     with pytest.raises(GraphCaptureError, match="one-element bool"):
