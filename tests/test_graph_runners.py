@@ -232,3 +232,31 @@ def test_graph_cache_is_bounded_and_keeps_the_current_calls_graphs(tiny_models):
     assert len(eng.graphs) == 3  # all of the call's graphs, one past capacity
     generate(model, rows, steering=SVGT(module, refresh_interval=3, refresh="bridge"), max_new_tokens=4, engine=eng)
     assert len(eng.graphs) == 2  # a later call drops the earlier call's
+
+
+def test_gpu_configuration_every_kind_in_one_batch(model7):
+    """What a GPU runs by default — our Triton kernels inside CUDA graphs — here on the
+    interpreter inside emulated graphs (a real graph's replay semantics), with every steering
+    kind in one batch: the tokens and trigger counts equal the reference's, through the capture
+    and the replays. (Short rows, one call: the interpreter runs every Triton program in Python.)"""
+    model = model7
+    module = build_value_module(model, seed=77)
+    mlp = build_value_module(model, seed=78, generator="mlp", n_intervention_tokens=3)
+    steerings = [
+        None,
+        SVGT(module, refresh_interval=2),                                   # exact
+        SVGT(mlp, refresh_interval=3, refresh="window=2"),
+        SVGT(module, refresh_interval=2, refresh="project"),
+        SVGT(module, refresh_interval=2, refresh="bridge", policy="sparse", score_threshold=1e9, drift_threshold=0.3),
+        _steer("conva", _artifact(model, "conva", 4)),
+        _steer("neva", _artifact(model, "neva", 5)),
+        _steer("re_control", _artifact(model, "re_control", 6)),
+    ]
+    rows = ragged_prompts(77, lengths=(3, 5, 2, 4, 3, 4, 2, 3))
+    eng = Engine(model, max_batch=8, max_seq_len=16, attention="triton")
+    eng.graph_emulation = True
+    ref = generate(model, rows, steering=steerings, max_new_tokens=4, engine="reference")
+    out = generate(model, rows, steering=steerings, max_new_tokens=4, engine=eng)
+    assert torch.equal(out.new_tokens, ref.new_tokens)
+    assert torch.equal(out.trigger_counts, ref.trigger_counts)
+    assert out.timings["graph_steps"] == 3
