@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-from common import print_table, write_results
+from common import gpu_or_smoke, print_table, write_results
 from shapes import build_model
 
 from svgt_fast.bench import TABLE_COLUMNS, generate_bench, plot_generate
@@ -28,12 +26,9 @@ def main():
     ap.add_argument("--no-baselines", action="store_true", help="skip HF generate and the eager reference")
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU (checks the harness only)")
     args = ap.parse_args()
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.smoke:
-        raise SystemExit("no GPU: run with --smoke to check the harness on CPU")
+    dev, dtype = gpu_or_smoke(args.smoke)
     if args.smoke:
         args.shape, args.prompt, args.new_tokens, args.batches = "tiny", 16, 12, "1,2"  # modes, intervals: as given
-    dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     model = build_model(args.shape, dev, dtype)
     rows, extra = generate_bench(
         model, batches=[int(b) for b in args.batches.split(",")], prompt=args.prompt, new_tokens=args.new_tokens,

@@ -18,7 +18,7 @@ import argparse
 
 import torch
 
-from common import copy_bandwidth_gbs, print_table, time_fn, write_results
+from common import copy_bandwidth_gbs, gpu_or_smoke, print_table, time_fn, write_results
 
 
 def rope_torch(x, cos, sin, positions):
@@ -170,13 +170,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (checks the harness only)")
     args = ap.parse_args()
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.smoke:
-        raise SystemExit("no GPU: run with --smoke to check the harness on CPU")
+    dev, _ = gpu_or_smoke(args.smoke)
+    cuda = dev == "cuda"
+    dtype = torch.bfloat16  # also on CPU: the op's bf16 path is what the harness checks
     from svgt_fast._ops import kv_patch_backend, kv_patch_backend_info
 
-    dev = "cuda" if cuda else "cpu"
-    dtype = torch.bfloat16
     print("kv_patch backend:", kv_patch_backend_info())
     bw = copy_bandwidth_gbs() if cuda else None
     rows = bulk_rows(dev, dtype, args.smoke, bw) + bridge_rows(dev, dtype, args.smoke)

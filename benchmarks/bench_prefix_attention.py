@@ -13,23 +13,17 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from common import print_table, time_fn, time_graphed, write_results
+from common import gpu_or_smoke, print_table, time_fn, time_graphed, write_results
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (checks the harness only)")
     args = ap.parse_args()
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.smoke:
-        raise SystemExit("no GPU: run with --smoke to check the harness on CPU")
-    if args.smoke:
-        import os
-
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    dev, dtype = gpu_or_smoke(args.smoke, interpret=True)
+    cuda = dev == "cuda"
     from svgt_fast.kernels.prefix_attention import prefix_attention
 
-    dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     Hq, Hkv, D, K = (32, 8, 128, 5) if not args.smoke else (4, 2, 16, 5)
     cases = [(1, 4096), (16, 4096), (1, 512), (64, 1024)] if not args.smoke else [(1, 64), (2, 64)]
     rows = []

@@ -8,24 +8,18 @@ import argparse
 
 import torch
 
-from common import print_table, time_graphed, write_results
+from common import gpu_or_smoke, print_table, time_graphed, write_results
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (checks the harness only)")
     args = ap.parse_args()
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.smoke:
-        raise SystemExit("no GPU: run with --smoke to check the harness on CPU")
-    if args.smoke:
-        import os
-
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    dev, _ = gpu_or_smoke(args.smoke, interpret=True)
+    cuda = dev == "cuda"
     from svgt_fast.kernels.reference import trigger_ref
     from svgt_fast.kernels.trigger import trigger
 
-    dev = "cuda" if cuda else "cpu"
     d, dv = (4096, 128) if cuda else (64, 32)
     rows = []
     for B in ((1, 16, 64) if cuda else (1, 4, 20)):

@@ -21,15 +21,18 @@ def write_results(name: str, rows: list[dict], extra: dict | None = None, plot=N
     return _write_results(name, rows, extra, plot, out_dir=os.environ.get("OUT") or RESULTS_DIR)
 
 
-def gpu_or_smoke(smoke: bool):
-    """(device, dtype) of an engine benchmark: bf16 on the GPU; fp32 on CPU only for --smoke
-    (a harness check: CPU times are not figures)."""
+def gpu_or_smoke(smoke: bool, interpret: bool = False):
+    """(device, dtype) of a benchmark: bf16 on the GPU; fp32 on CPU only for --smoke (a harness
+    check: CPU times are not figures). `interpret`: the script runs Triton kernels, so a CPU
+    smoke run sets TRITON_INTERPRET (call this before the kernels' modules are imported)."""
     import torch
 
     if torch.cuda.is_available():
         return "cuda", torch.bfloat16
     if not smoke:
         raise SystemExit("no GPU: run with --smoke to check the harness on CPU")
+    if interpret:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     return "cpu", torch.float32
 
 
