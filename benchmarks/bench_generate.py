@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import gpu_or_smoke, print_table, write_results
+from common import gpu_or_smoke, partial_results, print_table, write_results
 from shapes import build_model
 
 from svgt_fast.bench import TABLE_COLUMNS, generate_bench, plot_generate
@@ -30,13 +30,13 @@ def main():
     if args.smoke:
         args.shape, args.prompt, args.new_tokens, args.batches = "tiny", 16, 12, "1,2"  # modes, intervals: as given
     model = build_model(args.shape, dev, dtype)
+    name = f"generate_{args.shape}{args.tag}" + ("_smoke" if args.smoke else "")
     rows, extra = generate_bench(
         model, batches=[int(b) for b in args.batches.split(",")], prompt=args.prompt, new_tokens=args.new_tokens,
         modes=args.modes.split(","), intervals=[int(i) for i in args.intervals.split(",")],
-        baselines=not args.no_baselines, smoke=args.smoke)
+        baselines=not args.no_baselines, smoke=args.smoke, checkpoint=partial_results(name, dict(shape=args.shape)))
     print_table(rows, TABLE_COLUMNS)
     title = f"{args.shape}, prompt {args.prompt}, {args.new_tokens} new tokens"
-    name = f"generate_{args.shape}{args.tag}" + ("_smoke" if args.smoke else "")
     print("wrote", write_results(name, rows, dict(shape=args.shape, **extra), plot_generate(rows, title)))
 
 

@@ -10,7 +10,7 @@ import argparse
 
 import torch
 
-from common import decode_ms_per_token, gpu_or_smoke, print_table, write_results
+from common import decode_ms_per_token, gpu_or_smoke, partial_results, print_table, write_results
 from shapes import build_model
 
 
@@ -55,6 +55,9 @@ def main():
     eng = svgt_fast.Engine(model, max_batch=max(batches), max_seq_len=args.prompt + args.new_tokens + 8)
     g = torch.Generator().manual_seed(0)
     rows = []
+    name = f"interventions_{args.shape}" + ("_smoke" if args.smoke else "")
+    extra = {"shape": args.shape, "prompt": args.prompt, "new_tokens": args.new_tokens}
+    checkpoint = partial_results(name, extra)
     for B in batches:
         prompts = torch.randint(0, model.config.vocab_size, (B, args.prompt), generator=g)
         base = None
@@ -67,6 +70,7 @@ def main():
                 ms, _ = decode_ms_per_token(model, prompts, steering, eng, args.new_tokens, warmup=rep == 1)
                 base = ms if base is None else base
                 rows.append(dict(what=what, batch=B, rep=rep, ms_per_token=ms, ratio_vs_unsteered=ms / base))
+                checkpoint(rows)
     print_table(rows, ["what", "batch", "rep", "ms_per_token", "ratio_vs_unsteered"])
 
     def plot(ax):
@@ -76,8 +80,7 @@ def main():
         ax.axhline(1.0, color="k", lw=0.5)
         ax.set_ylabel("time / unsteered")
         ax.tick_params(axis="x", labelsize=5)
-    extra = {"shape": args.shape, "prompt": args.prompt, "new_tokens": args.new_tokens}
-    print("wrote", write_results(f"interventions_{args.shape}" + ("_smoke" if args.smoke else ""), rows, extra, plot))
+    print("wrote", write_results(name, rows, extra, plot))
 
 
 if __name__ == "__main__":

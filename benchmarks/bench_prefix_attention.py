@@ -13,7 +13,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from common import gpu_or_smoke, print_table, time_fn, time_graphed, write_results
+from common import gpu_or_smoke, partial_results, print_table, time_fn, time_graphed, write_results
 
 
 def main():
@@ -27,6 +27,8 @@ def main():
     Hq, Hkv, D, K = (32, 8, 128, 5) if not args.smoke else (4, 2, 16, 5)
     cases = [(1, 4096), (16, 4096), (1, 512), (64, 1024)] if not args.smoke else [(1, 64), (2, 64)]
     rows = []
+    out_name = "prefix_attention" + ("_smoke" if args.smoke else "")
+    checkpoint = partial_results(out_name)
     for B, ctx in cases:
         kv_bytes = 2 * B * Hkv * ctx * D * torch.finfo(dtype).bits // 8
         copies = max(1, min(16, (256 << 20) // max(kv_bytes, 1))) if cuda else 1
@@ -83,6 +85,7 @@ def main():
                                  p10_us=t["p10_ms"] * 1e3, p90_us=t["p90_ms"] * 1e3,
                                  eager_us=te["median_ms"] * 1e3,
                                  tb_s=nbytes / (t["median_ms"] * 1e-3) / 1e12))
+                checkpoint(rows)
     base = {(r["batch"], r["context"]): r["us"] for r in rows if r["kernel"] == "sdpa_no_bridge" and r["rep"] == 1}
     for r in rows:
         r["time_vs_sdpa_no_bridge"] = r["us"] / base[(r["batch"], r["context"])]
@@ -96,7 +99,7 @@ def main():
         ax.set_ylabel("effective TB/s")
         ax.tick_params(axis="x", labelsize=6)
         ax.set_title("prefix attention decode (bf16, 32q/8kv, D128, K=5)")
-    path = write_results("prefix_attention" + ("_smoke" if args.smoke else ""), rows, plot=plot)
+    path = write_results(out_name, rows, plot=plot)
     print("wrote", path)
 
 

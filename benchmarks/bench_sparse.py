@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from common import decode_ms_per_token, gpu_or_smoke, print_table, write_results
+from common import decode_ms_per_token, gpu_or_smoke, partial_results, print_table, write_results
 from shapes import build_model
 
 
@@ -41,6 +41,9 @@ def main():
     eng = svgt_fast.Engine(model, max_batch=max(batches), max_seq_len=args.prompt + args.new_tokens + 8)
     g = torch.Generator().manual_seed(0)
     rows = []
+    name = f"sparse_{args.shape}" + ("_smoke" if args.smoke else "")
+    extra = {"shape": args.shape, "prompt": args.prompt, "new_tokens": args.new_tokens, "refresh": args.refresh}
+    checkpoint = partial_results(name, extra)
 
     for B in batches:
         prompts = torch.randint(0, model.config.vocab_size, (B, args.prompt), generator=g)
@@ -60,6 +63,7 @@ def main():
                 base = ms if what == "unsteered" and base is None else base
                 rows.append(dict(what=what, batch=B, rep=rep, ms_per_token=ms, ratio_vs_unsteered=ms / base,
                                  mean_triggers=float(trig.float().mean())))
+                checkpoint(rows)
         homo = min(r["ms_per_token"] for r in rows if r["batch"] == B and r["what"] == "fire_100pct")
         for r in rows:
             if r["batch"] == B and r["what"].startswith("mixed"):
@@ -74,8 +78,7 @@ def main():
         ax.set_ylabel("time / unsteered")
         ax.tick_params(axis="x", labelsize=6, rotation=20)
         ax.legend()
-    extra = {"shape": args.shape, "prompt": args.prompt, "new_tokens": args.new_tokens, "refresh": args.refresh}
-    print("wrote", write_results(f"sparse_{args.shape}" + ("_smoke" if args.smoke else ""), rows, extra, plot))
+    print("wrote", write_results(name, rows, extra, plot))
 
 
 if __name__ == "__main__":

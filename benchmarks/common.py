@@ -7,10 +7,11 @@ import os
 
 from svgt_fast.bench import (copy_bandwidth_gbs, environment, format_table, gpu_telemetry, percentiles,
                              print_table, time_fn, time_graphed)
+from svgt_fast.bench import PartialResults
 from svgt_fast.bench import write_results as _write_results
 
 __all__ = ["copy_bandwidth_gbs", "environment", "format_table", "gpu_telemetry", "percentiles", "print_table",
-           "time_fn", "time_graphed", "write_results", "RESULTS_DIR", "gpu_or_smoke", "decode_ms_per_token"]
+           "time_fn", "time_graphed", "write_results", "RESULTS_DIR", "gpu_or_smoke", "decode_ms_per_token", "partial_results"]
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -19,6 +20,12 @@ def write_results(name: str, rows: list[dict], extra: dict | None = None, plot=N
     """Write <out>/<name>.json (and .png when `plot(ax)` is given and matplotlib is present);
     <out> is $OUT, else benchmarks/results/."""
     return _write_results(name, rows, extra, plot, out_dir=os.environ.get("OUT") or RESULTS_DIR)
+
+
+def partial_results(name: str, extra: dict | None = None) -> PartialResults:
+    """Rows of `name` saved as they come (<out>/<name>.partial.json): a step stopped by its time
+    limit keeps what it measured; write_results(name, ...) at the end removes the partial file."""
+    return PartialResults(name, extra, out_dir=os.environ.get("OUT") or RESULTS_DIR)
 
 
 def gpu_or_smoke(smoke: bool, interpret: bool = False):

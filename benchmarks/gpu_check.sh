@@ -9,7 +9,8 @@
 # issues' headline targets); run call B in the same session only if `status` still shows the
 # time for it (≥ ~9 minutes), else in the next session lent a GPU — then give the machine back.
 # Each step has its own time limit, so one hang cannot eat the lease, and the limits of a call add
-# up to < 520 s: run each with timeout_s 580. A step that runs out of time still leaves its log.
+# up to < 520 s: run each with timeout_s 580. A step that runs out of time still leaves its log
+# and, for the long benchmarks, the rows it measured (<name>.partial.json).
 #
 # The device may be an H200 rather than the H100 the issues' targets were written for: compare
 # against the floors measured in the run (pct_of_floor, % of copy bandwidth) and the ratios

@@ -180,6 +180,9 @@ def write_results(name: str, rows: list[dict], extra: dict | None = None, plot=N
     path = os.path.join(out_dir, f"{name}.json")
     with open(path, "w") as f:
         json.dump({"environment": environment(), "rows": rows, **(extra or {})}, f, indent=2)
+    partial = os.path.join(out_dir, f"{name}.partial.json")
+    if os.path.exists(partial):  # superseded by the complete result
+        os.remove(partial)
     if plot is not None:
         try:
             import matplotlib
@@ -195,6 +198,25 @@ def write_results(name: str, rows: list[dict], extra: dict | None = None, plot=N
         fig.savefig(os.path.join(out_dir, f"{name}.png"), dpi=120)
         plt.close(fig)
     return path
+
+
+class PartialResults:
+    """<out_dir>/<name>.partial.json rewritten with every row as it is measured, so a run stopped
+    by its time limit (gpu_check.sh's steps) still leaves what it had; write_results of the same
+    name removes it. Call the object with the rows so far."""
+
+    def __init__(self, name: str, extra: dict | None = None, out_dir: str | None = None):
+        out_dir = out_dir or os.environ.get("OUT") or "."
+        os.makedirs(out_dir, exist_ok=True)
+        self.path = os.path.join(out_dir, f"{name}.partial.json")
+        self.extra = dict(extra or {})
+        self.env = environment()  # once: telemetry at the start of the run
+
+    def __call__(self, rows: list[dict]) -> None:
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:  # write then rename: a kill mid-write leaves the previous file
+            json.dump({"environment": self.env, "partial": True, "rows": rows, **self.extra}, f, indent=2)
+        os.replace(tmp, self.path)
 
 
 def format_table(rows: list[dict], cols: list[str]) -> str:
@@ -261,11 +283,13 @@ def _hf_ms_per_token(model, ids, n_new: int) -> float:
 
 def generate_bench(model, *, module=None, batches=(1, 16), prompt: int = 512, new_tokens: int = 256,
                    modes=("exact",), intervals=(5,), baselines: bool = True, step_percentiles: bool = True,
-                   smoke: bool = False, log=print) -> tuple[list[dict], dict]:
+                   smoke: bool = False, log=print, checkpoint=None) -> tuple[list[dict], dict]:
     """The BENCH.md end-to-end table: per batch, the engine unsteered and with SVGT (K of
     `module`, default a random K=5 module) for every refresh mode x interval, each timed twice
     after a warm-up; HF `generate` and (batch 1) the eager recompute loop beside. Returns
-    (rows, extra) ready for write_results."""
+    (rows, extra) ready for write_results; `checkpoint(rows)` (e.g. a PartialResults) is called
+    after every row."""
+    checkpoint = checkpoint or (lambda rows: None)
     from .api import generate
     from .engine import Engine
     from .steering import SVGT
@@ -308,12 +332,14 @@ def generate_bench(model, *, module=None, batches=(1, 16), prompt: int = 512, ne
                     p = percentiles(_step_ms(model, eng, prompts, new_tokens, steering))
                     row.update(ms_p10=p["p10"], ms_median=p["median"], ms_p90=p["p90"])
                 rows.append(row)
+                checkpoint(rows)
                 log(f"  {what} batch {B} rep {rep}: {row['ms_per_token']:.3f} ms/token")
         if not baselines:
             continue
         hf = _hf_ms_per_token(model, prompts.to(eng.device), 8 if smoke else 32)
         rows.append(dict(what="hf_generate", batch=B, rep=1, ms_per_token=hf, tokens_per_s=B * 1e3 / hf,
                          engine_speedup=hf / plain_ms))
+        checkpoint(rows)
         if B == 1:  # the authors' recompute loop (our eager oracle), a few tokens
             n = 4 if smoke else 16
             steering = SVGT(module, refresh_interval=5)
@@ -326,6 +352,7 @@ def generate_bench(model, *, module=None, batches=(1, 16), prompt: int = 512, ne
             rows.append(dict(what="eager_svgt_reference_r5", batch=1, rep=1, ms_per_token=ref_ms,
                              engine_svgt_speedup=ref_ms / min(st) if st else None,
                              ratio_vs_unsteered=ref_ms / plain_ms))
+            checkpoint(rows)
     extra = {"modes": list(modes), "intervals": list(intervals), "prompt": prompt, "new_tokens": new_tokens,
              "batches": list(batches), "bridge_tokens": k, "weight_bytes": weight_bytes, "copy_bandwidth_gbs": bw,
              "dtype": str(model.dtype).replace("torch.", ""),

@@ -53,6 +53,7 @@ def test_benchmark_step_runs_its_smoke_harness(name, tmp_path):
         return
     written = list(tmp_path.glob("*_smoke.json"))
     assert len(written) == 1, written
+    assert not list(tmp_path.glob("*.partial.json*")), "the complete result replaces the partial one"
     data = json.loads(written[0].read_text())
     assert data["rows"] and "torch" in data["environment"]
     if name.startswith("generate"):  # the modes and intervals gpu_check passes are the ones run

@@ -49,6 +49,26 @@ def test_headline_table_matches_the_h100_run():
     assert "64.8 (ours 6.5x faster)" in table and "27.5x slower" in table  # the README's figures
 
 
+def test_partial_results_keep_rows_until_the_complete_result(tmp_path):
+    """A benchmark step stopped by its time limit keeps the rows it measured: PartialResults
+    rewrites <name>.partial.json with every row (marked partial, environment and extra kept), and
+    write_results of the same name replaces it."""
+    from svgt_fast.bench import PartialResults, write_results
+
+    ckpt = PartialResults("g", {"shape": "tiny"}, out_dir=str(tmp_path))
+    rows = []
+    for i in range(3):
+        rows.append(dict(batch=1, rep=i, ms_per_token=1.0 + i))
+        ckpt(rows)
+        data = json.loads((tmp_path / "g.partial.json").read_text())
+        assert data["partial"] is True and data["shape"] == "tiny" and data["rows"] == rows
+        assert "torch" in data["environment"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.partial.json"]  # no temp file left
+    write_results("g", rows, {"shape": "tiny"}, out_dir=str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.json"]
+    assert "partial" not in json.loads((tmp_path / "g.json").read_text())
+
+
 def test_write_results_json_and_png(tmp_path, monkeypatch):
     """`svgt-fast bench` and benchmarks/ write <name>.json (environment + rows) and, with
     matplotlib, <name>.png; without matplotlib the JSON is still written and the PNG is not."""
