@@ -51,6 +51,7 @@ step() {  # step NAME LIMIT_S CMD...
   tail -n 25 "$RAW/$name.log"
   echo "== $name rc=$r in $((SECONDS - t0)) s (limit $limit)" | tee -a "$RAW/summary.txt"
   [ "$r" -eq 0 ] || rc=1
+  pack  # after every step too: a call killed at the tool's limit (no EXIT trap) still returns the finished steps
 }
 # call A (limits: 180 + 45 + 30 + 20 + 240 = 515 s)
 step tests 180 python3 -m pytest -q -p no:cacheprovider -rA tests/test_gpu.py tests/test_prefix_attention.py \
