@@ -107,10 +107,12 @@ def _as_batch(input_ids, tokenizer, attention_mask, device):
 
 
 def _unpad(ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
-    """Each row's real tokens; the ones of the mask must form one block (left or right padding)."""
+    """Each row's real tokens; the ones of the mask must form one block (left or right padding).
+    The mask is checked in one host copy (row by row on the device, each check would be a sync)."""
     rows = []
+    host = mask.cpu()
     for i in range(ids.shape[0]):
-        m = mask[i]
+        m = host[i]
         if not bool(((m == 0) | (m == 1)).all()):
             raise ValueError(f"attention_mask row {i} has values other than 0 and 1")
         on = torch.nonzero(m).flatten()
@@ -216,7 +218,8 @@ def generate(
         g.steering.vectors.check_backbone(model)
     for g in plan.mlp_groups:
         g.steering.neurons.check_backbone(model)
-    if int(ids.max()) >= info.vocab_size or int(ids.min()) < 0:
+    hi_id, lo_id = torch.stack([ids.max(), ids.min()]).tolist()  # one host read
+    if hi_id >= info.vocab_size or lo_id < 0:
         raise ValueError(f"input_ids hold ids outside the vocabulary [0, {info.vocab_size})")
     prompts = _unpad(ids, mask)
     for i, (p, st) in enumerate(zip(prompts, plan.per_row)):

@@ -213,6 +213,17 @@ class _If:
                 node.run()
 
 
+def host_read_op(func, args) -> str | None:
+    """The host read an ATen op makes (on the GPU a sync: the host waits for the value or the
+    output size), named; None for an op that makes none."""
+    name = _op_name(func)
+    if name in HOST_SYNC_OPS:
+        return f"aten.{name}"
+    if name in ("index", "index_put", "index_put_", "_index_put_impl_") and any(_is_mask(i) for i in args[1]):
+        return f"aten.{name} with a boolean mask"
+    return None
+
+
 def _host_read(what: str) -> GraphCaptureError:
     return GraphCaptureError(
         f"{what} inside a captured step: it reads a device value on the host (a sync), which a CUDA graph "
@@ -243,9 +254,9 @@ class _Recorder(TorchDispatchMode):
         graph, name = self.graph, _op_name(func)
         if graph._in_launch:  # the interpreter's own work inside a recorded Triton launch
             return func(*args, **kwargs)
-        if name in HOST_SYNC_OPS or (name in ("index", "index_put", "index_put_", "_index_put_impl_")
-                                     and any(_is_mask(i) for i in args[1])):
-            raise _host_read(f"aten.{name}" + (" with a boolean mask" if name.startswith("index") else ""))
+        read = host_read_op(func, args)
+        if read is not None:
+            raise _host_read(read)
         if name in HOST_DATA_OPS and args[0].dim() > 0:  # a 0-d one is a scalar (x[i] = 0.0 fills on the device)
             raise GraphCaptureError(
                 "a tensor made from host data inside a captured step (torch.tensor(...)): a capture refuses the "
@@ -371,3 +382,71 @@ class EmulatedGraph:
         with torch.inference_mode(self._inference), torch.no_grad():
             for node in self.nodes:
                 node.run()
+
+
+class HostReads:
+    """Context manager that lists the host reads of tensor values made inside it: the ops a
+    capture refuses (`host_read_op`) and .item() / .tolist() / .numpy(). On the GPU each is a
+    sync, so a decode loop's count per step says whether the host waits for the device every
+    step. Not counted: what stands in for device work here — a Triton launch (the interpreter
+    reads its arguments on the host) and an EmulatedGraph replay (it reads a conditional node's
+    predicate, which a real graph evaluates on the device). Not seen on CPU: `.cpu()` /
+    `.to("cpu")` (no copy there)."""
+
+    def __init__(self):
+        self.reads: list[str] = []
+        self._in_launch = False
+
+    def _unobserved(self, fn):
+        def run(*args, **kwargs):
+            was, self._in_launch = self._in_launch, True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._in_launch = was
+        return run
+
+    def __enter__(self):
+        from triton.runtime.interpreter import InterpretedFunction
+
+        self._saved = InterpretedFunction.run, EmulatedGraph.replay
+        InterpretedFunction.run = self._unobserved(InterpretedFunction.run)
+        EmulatedGraph.replay = self._unobserved(EmulatedGraph.replay)
+        self._modes = (_CountMethods(self), _CountOps(self))
+        for mode in self._modes:
+            mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        from triton.runtime.interpreter import InterpretedFunction
+
+        for mode in reversed(self._modes):
+            mode.__exit__(*exc)
+        InterpretedFunction.run, EmulatedGraph.replay = self._saved
+        return False
+
+
+class _CountMethods(TorchFunctionMode):
+    def __init__(self, counter: HostReads):
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if not self.counter._in_launch and name in HOST_READ_METHODS - {"item"}:  # item dispatches: counted there
+            self.counter.reads.append(f"Tensor.{name}()")
+        return func(*args, **(kwargs or {}))
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self, counter: HostReads):
+        super().__init__()
+        self.counter = counter
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.counter._in_launch:
+            read = host_read_op(func, args)
+            if read is not None:
+                self.counter.reads.append(read)
+        return func(*args, **(kwargs or {}))
+

@@ -125,7 +125,7 @@ class RefreshSteps:
 
     def _sparse_chunks(self, x, xs, logical, here, chunk_fire, P, bridge_len, n_slots, plan, upper):
         """The upper stack of a refresh step whose chunk rows fire sparsely; cost follows the
-        number n that fire (a device count, never read by the host):
+        number n that fire (a device count, which a graph replay never reads on the host):
           n == 0          — a plain decode of this token for every row;
           n <= c <= B / 2 — in one pass (one read of the weights): the decode rows of the rows
                             that do not fire, then the [c, M] chunks of the fired rows only,
@@ -134,7 +134,8 @@ class RefreshSteps:
                             they write nothing and are dropped);
           n > B / 2       — the full [B, M] block, as under policy "always".
         Each branch is a conditional node of the CUDA graph (`cuda_graphs.run_if`), so a replay
-        runs one of them. Returns [B, 1, d]."""
+        runs one of them; eager (no graph), the host reads n once and runs that branch (one sync
+        per due step, not one per branch). Returns [B, 1, d]."""
         from .cuda_graphs import run_if
 
         B, M, d = xs.shape
@@ -164,6 +165,11 @@ class RefreshSteps:
         def full():
             out.copy_(self._layers(xs, upper, logical, P, bridge_len, True, n_slots, plan)[:, -1:])
 
+        if self.graph_phase is None:  # eager
+            k = int(n)
+            fits = [c for c in sizes if k <= c]
+            (decode if k == 0 else compacted(fits[0]) if fits else full)()
+            return out
         run_if(self, n == 0, decode)
         lo = 0
         for c in sizes:

@@ -4,7 +4,7 @@ and host data are refused at capture; conditional nodes run on a device predicat
 import pytest
 import torch
 
-from svgt_fast.emulated_graph import EmulatedGraph, GraphCaptureError
+from svgt_fast.emulated_graph import EmulatedGraph, GraphCaptureError, HostReads
 
 
 def test_replay_reruns_recorded_ops_on_new_inputs():
@@ -51,6 +51,32 @@ def test_host_reads_are_refused(read):
     t = torch.tensor([1.0, -2.0, 3.0])
     with pytest.raises(GraphCaptureError, match="reads a device value on the host"):
         EmulatedGraph().capture(lambda: read(t))
+
+
+def test_host_reads_are_counted_outside_a_capture():
+    """HostReads lists the same reads a capture refuses, one entry per read, and leaves out what
+    stands for device work: a graph replay (its conditional predicate) and a Triton launch."""
+    from svgt_fast.kernels.rms_norm import rms_norm
+
+    t = torch.tensor([1.0, -2.0, 3.0])
+    x, w = torch.randn(2, 16), torch.ones(16)
+    g = EmulatedGraph()
+
+    def step():
+        g.begin_capture_to_if_node(t[0] > 0)
+        t.add_(1.0)
+        g.end_capture_to_conditional_node()
+        return rms_norm(x, w, 1e-6)
+
+    g.capture(step)
+    with HostReads() as seen:
+        t[0].item(), bool(t.sum() > 0), t.tolist(), int(t[0]), t.nonzero(), t[t > 0], t.numpy()
+        assert seen.reads == ["aten._local_scalar_dense"] * 2 + ["Tensor.tolist()", "aten._local_scalar_dense",
+                              "aten.nonzero", "aten.index with a boolean mask", "Tensor.numpy()"]
+        g.replay()
+        rms_norm(x, w, 1e-6)
+        y = (t * 2).sum()
+    assert len(seen.reads) == 7 and y.item() == 2 * float(t.sum())  # nothing more; not counted after exit
 
 
 def test_host_data_is_refused_but_scalars_fill():

@@ -260,3 +260,41 @@ def test_gpu_configuration_every_kind_in_one_batch(model7):
     assert torch.equal(out.new_tokens, ref.new_tokens)
     assert torch.equal(out.trigger_counts, ref.trigger_counts)
     assert out.timings["graph_steps"] == 3
+
+
+@pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "eager"])
+def test_decode_loop_reads_the_device_once_every_8_steps(model7, graphs):
+    """On the GPU a host read of a device value (.item(), bool(t), .tolist(), nonzero, a mask
+    index) is a sync: the host stops queueing work until the device catches up. With graphs, the
+    decode loop of a batch with every steering kind makes one, the early-stop check every 8th
+    step: 24 more steps cost exactly 3 more reads (t = 16, 24, 32). Eager, the sparse row's due
+    steps also read its fired count once each (the branch a graph picks on the device): 12 more
+    (t = 10, 12, ..., 32; refresh every 2)."""
+    from svgt_fast.emulated_graph import HostReads
+
+    model = model7
+    module = build_value_module(model, seed=79)
+    steerings = [
+        None,
+        SVGT(module, refresh_interval=2),
+        SVGT(module, refresh_interval=3, refresh="project"),
+        SVGT(module, refresh_interval=2, refresh="bridge", policy="sparse", score_threshold=0.0),
+        _steer("conva", _artifact(model, "conva", 7)),
+        _steer("neva", _artifact(model, "neva", 8)),
+        _steer("re_control", _artifact(model, "re_control", 9)),
+    ]
+    rows = ragged_prompts(79, lengths=(3, 5, 2, 4, 3, 4, 2))
+    eng = Engine(model, max_batch=8, max_seq_len=48, cuda_graphs=graphs)
+    eng.graph_emulation = graphs
+    generate(model, rows, steering=steerings, max_new_tokens=33, engine=eng, eos_token_id=[])  # captures
+    reads = {}
+    for n in (9, 33):
+        with HostReads() as seen:
+            out = generate(model, rows, steering=steerings, max_new_tokens=n, engine=eng, eos_token_id=[])
+        assert out.new_tokens.shape == (7, n)
+        reads[n] = seen.reads
+    assert int(out.trigger_counts[3]) > 0  # the sparse row fired: its refresh steps ran
+    extra = list(reads[33])
+    for r in reads[9]:
+        extra.remove(r)
+    assert extra == ["aten._local_scalar_dense"] * (3 if graphs else 3 + 12), (reads[9], reads[33])
