@@ -55,3 +55,36 @@ def check_bf16_bar(model, n_new: int, lengths, seed: int = 0):
               f"greedy equals HF bf16 for {int(first_diff[0]) if len(first_diff) else n_new} steps")
     print(f"teacher-forced greedy: {B * n_new - ties}/{B * n_new} steps equal HF bf16, {ties} bf16 ties")
     return ties
+
+
+def random_artifact(model, kind: str, seed: int):
+    """A random RE-Control value function / ConVA vectors / NeVA neurons for `model` (seeded),
+    strong enough to change greedy tokens."""
+    from svgt_fast import ConVAVectors, NeVANeurons, REControlConfig, REControlValue
+    from svgt_fast.conva import ConVAConfig
+    from svgt_fast.neva import NeVAConfig
+
+    g = torch.Generator().manual_seed(seed)
+    d, L = model.config.hidden_size, model.config.num_hidden_layers
+    if kind == "re_control":
+        vf = REControlValue(REControlConfig(d, [16], "tanh"))
+        with torch.no_grad():
+            for p in vf.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 3.0)
+        return vf
+    if kind == "conva":  # gate always open (u = 0, c = 10): every state is lifted to P0 along w
+        cfg = ConVAConfig(d, L, [0, 1])
+        return ConVAVectors(cfg, torch.randn(2, d, generator=g), torch.randn(2, generator=g), torch.zeros(2, d),
+                            torch.full((2,), 10.0))
+    inter = model.config.intermediate_size
+    cfg = NeVAConfig(d, inter, L, [1, 3], 8)
+    return NeVANeurons(cfg, torch.randperm(inter, generator=g)[:16].view(2, 8), torch.randn(2, 8, generator=g) * 4)
+
+
+def intervention(kind: str, art):
+    """The steering of that kind over a random_artifact, at a strength that shows."""
+    from svgt_fast import ConVA, NeVA, REControl
+
+    return {"re_control": lambda: REControl(art, n_steps=2, step_size=1.0),
+            "conva": lambda: ConVA(art, p0=0.99, g0=0.05),
+            "neva": lambda: NeVA(art, strength=2.0)}[kind]()

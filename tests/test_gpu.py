@@ -9,7 +9,7 @@ import torch
 from svgt_fast import SVGT, Engine, generate
 from svgt_fast.tiny import build_tiny_model, build_value_module
 
-from helpers import check_bf16_bar, ragged_prompts
+from helpers import check_bf16_bar, intervention, random_artifact, ragged_prompts
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -147,3 +147,32 @@ def test_train_svgt_on_gpu_follows_the_cpu_run(tmp_path):
                 assert b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-5), (a["stage"], k)
     out = generate(gpu_model, [[1, 2, 3, 4]], steering=SVGT(module), max_new_tokens=4, engine="reference")
     assert out.new_tokens.shape == (1, 4)
+
+
+def test_graphed_every_kind_in_one_batch_fp32():
+    """Every steering kind in one batch through the real CUDA graphs and our Triton kernels (the
+    CPU runs the same batch under emulated graphs, tests/test_graph_runners.py): SVGT exact /
+    window / project / sparse bridge, ConVA, NeVA, RE-Control and an unsteered row; the second
+    call replays the first's graphs. Tokens and trigger counts equal the reference's."""
+    model = build_tiny_model("llama", seed=75, num_hidden_layers=7).cuda()  # ConVA steers layers 0..1 of 7
+    module = build_value_module(model, seed=77)
+    mlp = build_value_module(model, seed=78, generator="mlp", n_intervention_tokens=3)
+    steerings = [
+        None,
+        SVGT(module, refresh_interval=2),
+        SVGT(mlp, refresh_interval=3, refresh="window=2"),
+        SVGT(module, refresh_interval=2, refresh="project"),
+        SVGT(module, refresh_interval=2, refresh="bridge", policy="sparse", score_threshold=1e9, drift_threshold=0.3),
+        intervention("conva", random_artifact(model, "conva", 4).to("cuda")),
+        intervention("neva", random_artifact(model, "neva", 5)),  # NeVA places its edits itself
+        intervention("re_control", random_artifact(model, "re_control", 6).cuda()),
+    ]
+    rows = ragged_prompts(77, lengths=(3, 5, 2, 4, 3, 4, 2, 3))
+    ref = generate(model, rows, steering=steerings, max_new_tokens=16, engine="reference")
+    eng = Engine(model, max_batch=8, max_seq_len=40)
+    assert eng.attention == "triton" and eng.cuda_graphs
+    for _ in range(2):
+        fast = generate(model, rows, steering=steerings, max_new_tokens=16, engine=eng)
+        assert torch.equal(fast.new_tokens.cpu(), ref.new_tokens.cpu())
+        assert torch.equal(fast.trigger_counts, ref.trigger_counts)
+        assert fast.timings["graph_steps"] == 15

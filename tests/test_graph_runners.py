@@ -7,7 +7,7 @@ import torch
 from svgt_fast import SVGT, Engine, generate
 from svgt_fast.tiny import build_value_module
 
-from helpers import ragged_prompts
+from helpers import intervention, random_artifact, ragged_prompts
 
 
 def _engine(model, **kw):
@@ -88,38 +88,6 @@ def test_emulated_graphs_with_re_control_rows(tiny_models):
 
 
 # ---- graph keys (issue 8): shared across calls by value, never across artifacts ---------------
-def _artifact(model, kind: str, seed: int):
-    """A random RE-Control value function / ConVA vectors / NeVA neurons for `model` (seeded),
-    strong enough to change greedy tokens."""
-    from svgt_fast import ConVAVectors, NeVANeurons, REControlConfig, REControlValue
-    from svgt_fast.conva import ConVAConfig
-    from svgt_fast.neva import NeVAConfig
-
-    g = torch.Generator().manual_seed(seed)
-    d, L = model.config.hidden_size, model.config.num_hidden_layers
-    if kind == "re_control":
-        vf = REControlValue(REControlConfig(d, [16], "tanh"))
-        with torch.no_grad():
-            for p in vf.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 3.0)
-        return vf
-    if kind == "conva":  # gate always open (u = 0, c = 10): every state is lifted to P0 along w
-        cfg = ConVAConfig(d, L, [0, 1])
-        return ConVAVectors(cfg, torch.randn(2, d, generator=g), torch.randn(2, generator=g), torch.zeros(2, d),
-                            torch.full((2,), 10.0))
-    inter = model.config.intermediate_size
-    cfg = NeVAConfig(d, inter, L, [1, 3], 8)
-    return NeVANeurons(cfg, torch.randperm(inter, generator=g)[:16].view(2, 8), torch.randn(2, 8, generator=g) * 4)
-
-
-def _steer(kind: str, art):
-    from svgt_fast import ConVA, NeVA, REControl
-
-    return {"re_control": lambda: REControl(art, n_steps=2, step_size=1.0),
-            "conva": lambda: ConVA(art, p0=0.99, g0=0.05),
-            "neva": lambda: NeVA(art, strength=2.0)}[kind]()
-
-
 @pytest.fixture(scope="module")
 def model7():
     from svgt_fast.tiny import build_tiny_model
@@ -132,16 +100,16 @@ def test_emulated_graphs_never_replay_another_artifacts_weights(model7, kind):
     """Two artifacts of one kind through one engine's graphs: each call's tokens are its own
     artifact's (= the reference), and a steering object built anew around an artifact already
     seen reuses its graphs."""
-    a, b = _artifact(model7, kind, 1), _artifact(model7, kind, 2)
+    a, b = random_artifact(model7, kind, 1), random_artifact(model7, kind, 2)
     rows = ragged_prompts(75, lengths=(5, 8, 3))
     eng = _engine(model7, max_batch=4, max_seq_len=24)
     ref = {}
     for art in (a, b):
-        ref[id(art)] = generate(model7, rows, steering=_steer(kind, art), max_new_tokens=8, engine="reference")
+        ref[id(art)] = generate(model7, rows, steering=intervention(kind, art), max_new_tokens=8, engine="reference")
     assert not torch.equal(ref[id(a)].new_tokens, ref[id(b)].new_tokens)  # the artifacts really differ
     sizes = []
     for art in (a, b, a, b):  # a new steering object every call
-        out = generate(model7, rows, steering=_steer(kind, art), max_new_tokens=8, engine=eng)
+        out = generate(model7, rows, steering=intervention(kind, art), max_new_tokens=8, engine=eng)
         assert torch.equal(out.new_tokens, ref[id(art)].new_tokens)
         assert out.timings["graph_steps"] == 7
         sizes.append(len(eng.graphs))
@@ -155,7 +123,7 @@ def test_emulated_graph_key_follows_the_artifacts_storage(tiny_models):
     from svgt_fast import REControl
 
     model = tiny_models["qwen2"]
-    vf = _artifact(model, "re_control", 3)
+    vf = random_artifact(model, "re_control", 3)
     rows = ragged_prompts(76, lengths=(4, 6))
     eng = _engine(model, max_batch=2, max_seq_len=20)
     generate(model, rows, steering=REControl(vf, n_steps=2), max_new_tokens=6, engine=eng)
@@ -248,9 +216,9 @@ def test_gpu_configuration_every_kind_in_one_batch(model7):
         SVGT(mlp, refresh_interval=3, refresh="window=2"),
         SVGT(module, refresh_interval=2, refresh="project"),
         SVGT(module, refresh_interval=2, refresh="bridge", policy="sparse", score_threshold=1e9, drift_threshold=0.3),
-        _steer("conva", _artifact(model, "conva", 4)),
-        _steer("neva", _artifact(model, "neva", 5)),
-        _steer("re_control", _artifact(model, "re_control", 6)),
+        intervention("conva", random_artifact(model, "conva", 4)),
+        intervention("neva", random_artifact(model, "neva", 5)),
+        intervention("re_control", random_artifact(model, "re_control", 6)),
     ]
     rows = ragged_prompts(77, lengths=(3, 5, 2, 4, 3, 4, 2, 3))
     eng = Engine(model, max_batch=8, max_seq_len=16, attention="triton")
@@ -279,9 +247,9 @@ def test_decode_loop_reads_the_device_once_every_8_steps(model7, graphs):
         SVGT(module, refresh_interval=2),
         SVGT(module, refresh_interval=3, refresh="project"),
         SVGT(module, refresh_interval=2, refresh="bridge", policy="sparse", score_threshold=0.0),
-        _steer("conva", _artifact(model, "conva", 7)),
-        _steer("neva", _artifact(model, "neva", 8)),
-        _steer("re_control", _artifact(model, "re_control", 9)),
+        intervention("conva", random_artifact(model, "conva", 7)),
+        intervention("neva", random_artifact(model, "neva", 8)),
+        intervention("re_control", random_artifact(model, "re_control", 9)),
     ]
     rows = ragged_prompts(79, lengths=(3, 5, 2, 4, 3, 4, 2))
     eng = Engine(model, max_batch=8, max_seq_len=48, cuda_graphs=graphs)
