@@ -176,3 +176,25 @@ def test_graphed_every_kind_in_one_batch_fp32():
         assert torch.equal(fast.new_tokens.cpu(), ref.new_tokens.cpu())
         assert torch.equal(fast.trigger_counts, ref.trigger_counts)
         assert fast.timings["graph_steps"] == 15
+
+
+def test_streaming_through_graphs_equals_non_streamed():
+    """stream=True on the GPU hands out step t-1's tokens while step t runs (pinned copy + event,
+    streaming.TokenFeed's lag path, which only a GPU takes): the streamed tokens are the
+    non-streamed ones row by row, steps in order, none after every row's EOS."""
+    model = build_tiny_model("qwen3", seed=34).cuda()
+    steering = SVGT(build_value_module(model, seed=34), refresh_interval=3)
+    rows = ragged_prompts(34, lengths=(6, 2, 9))
+    eng = Engine(model, max_batch=4, max_seq_len=48)
+    plain = generate(model, rows, steering=steering, max_new_tokens=12, engine=eng, eos_token_id=[])
+    eos = int(plain.new_tokens[1, 4])  # row 1 stops at its 5th token
+    kw = dict(steering=steering, max_new_tokens=12, engine=eng, eos_token_id=eos)
+    plain = generate(model, rows, **kw)
+    events = list(generate(model, rows, stream=True, **kw))
+    tokens = [[v for ev in events[:-1] if (v := ev.tokens[i]) is not None] for i in range(len(rows))]
+    for i in range(len(rows)):
+        assert tokens[i] == plain.new_tokens[i, : int(plain.num_new_tokens[i])].tolist()
+    assert [e.step for e in events[:-1]] == list(range(len(events) - 1))
+    assert len(events) - 1 == plain.new_tokens.shape[1] and events[-1].final
+    assert torch.equal(events[-1].output.new_tokens.cpu(), plain.new_tokens.cpu())
+    assert events[-1].output.timings["graph_steps"] > 0
