@@ -30,12 +30,41 @@ def _steps() -> dict[str, list[str]]:
 def test_gpu_check_is_valid_bash_and_lists_its_steps():
     assert subprocess.run(["bash", "-n", str(GPU_CHECK)]).returncode == 0
     steps = _steps()
-    calls = re.findall(r'STEPS="([^"]+)" bash benchmarks/gpu_check.sh', GPU_CHECK.read_text())
-    assert len(calls) == 2 and sorted(" ".join(calls).split()) == sorted(steps), (calls, list(steps))
+    default = re.search(r'^ALL_STEPS="([^"]+)"$', GPU_CHECK.read_text(), re.M).group(1).split()
+    assert default == list(steps), "the default call runs every step, in the order they are written (priority)"
     for name, cmd in steps.items():  # every file a step names exists
         for arg in cmd:
             if arg.startswith(("tests/", "benchmarks/")):
                 assert (ROOT / arg).exists(), f"step {name}: {arg} does not exist"
+
+
+def _run_gpu_check(tmp_path, **env):
+    out = tmp_path / "out"
+    res = subprocess.run(["bash", str(GPU_CHECK)], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env=dict(os.environ, OUT=str(out), **env))
+    return res, (out / "summary.txt").read_text()
+
+
+def test_gpu_check_skips_what_the_budget_cannot_hold(tmp_path):
+    """No budget left: no step starts, every one is listed for the next call, and the pack comes back."""
+    res, summary = _run_gpu_check(tmp_path, BUDGET_S="0")
+    assert res.returncode == 0, res.stdout + res.stderr
+    names = list(_steps())
+    for name in names:
+        assert f"== {name} not run" in summary
+    assert f'next call: STEPS="{" ".join(names)}" bash benchmarks/gpu_check.sh' in summary
+    assert list((tmp_path / "out").glob("gpu_check_*.tar.gz"))
+
+
+def test_gpu_check_caps_each_step_at_the_budget_left(tmp_path):
+    """Two steps that fail at once without a GPU (no --smoke): each runs with its limit cut to the
+    budget left, a failure makes the call fail, and nothing is listed as not run."""
+    res, summary = _run_gpu_check(tmp_path, BUDGET_S="40", MIN_STEP_S="1", STEPS="trigger generate")
+    assert res.returncode == 1, res.stdout + res.stderr
+    limits = {m.group(1): int(m.group(2)) for m in re.finditer(r"== (\w+) rc=1 in \d+ s \(limit (\d+)\)", summary)}
+    assert set(limits) == {"trigger", "generate"}, summary
+    assert limits["trigger"] <= 20 and limits["generate"] < 40 < 180, limits  # own limits: 20 and 180
+    assert "not run: (none)" in summary and "next call" not in summary
 
 
 BENCH_STEPS = sorted(n for n, cmd in _steps().items() if cmd[1].startswith("benchmarks/"))
