@@ -80,7 +80,7 @@ def test_edit_kernel_equals_reference(with_delta):
     torch.testing.assert_close(got.reshape(-1, d)[~edited], e[~edited], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("attention", ["torch", "triton"])
+@pytest.mark.parametrize("attention", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
 def test_engine_equals_hooked_reference(model8, vectors, attention):
     vec, _ = vectors
     steering = ConVA(vec, p0=0.99, g0=0.05)

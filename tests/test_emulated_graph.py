@@ -53,6 +53,7 @@ def test_host_reads_are_refused(read):
         EmulatedGraph().capture(lambda: read(t))
 
 
+@pytest.mark.interpreter
 def test_host_reads_are_counted_outside_a_capture():
     """HostReads lists the same reads a capture refuses, one entry per read, and leaves out what
     stands for device work: a graph replay (its conditional predicate) and a Triton launch."""
@@ -154,6 +155,7 @@ def test_conditional_node_misuse():
         EmulatedGraph().replay()
 
 
+@pytest.mark.interpreter
 def test_triton_launch_is_recorded_and_replayed():
     """A kernel launch (interpreter) is one node: replayed with its capture-time arguments, its
     own torch work inside not recorded twice."""

@@ -94,6 +94,7 @@ def test_engine_limits(tiny_models):
         Engine(model, attention="flash3")
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("steered", [False, True])
 def test_triton_attention_backend_equals_reference(tiny_models, steered):
     """The engine with our Triton kernel (interpreter on CPU) gives the oracle's tokens."""

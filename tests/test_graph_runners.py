@@ -202,6 +202,7 @@ def test_graph_cache_is_bounded_and_keeps_the_current_calls_graphs(tiny_models):
     assert len(eng.graphs) == 2  # a later call drops the earlier call's
 
 
+@pytest.mark.interpreter
 def test_gpu_configuration_every_kind_in_one_batch(model7):
     """What a GPU runs by default — our Triton kernels inside CUDA graphs — here on the
     interpreter inside emulated graphs (a real graph's replay semantics), with every steering

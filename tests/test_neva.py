@@ -69,7 +69,7 @@ def test_swiglu_kernel_with_edit(dtype):
     assert torch.equal(got[on][:, [0, 1, 2]], plain[on][:, [0, 1, 2]])  # other neurons untouched
 
 
-@pytest.mark.parametrize("attention", ["torch", "triton"])
+@pytest.mark.parametrize("attention", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
 def test_engine_equals_hooked_reference(tiny_models, neurons, attention):
     model = tiny_models["llama"]
     nv, _ = neurons
@@ -82,7 +82,8 @@ def test_engine_equals_hooked_reference(tiny_models, neurons, attention):
     assert (generate(model, rows, max_new_tokens=8, engine=eng).new_tokens != fast.new_tokens).any()
 
 
-def test_mixed_with_other_methods(tiny_models, neurons):
+@pytest.mark.parametrize("attention", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_mixed_with_other_methods(tiny_models, neurons, attention):
     model = tiny_models["llama"]
     nv, _ = neurons
     weak, strong = NeVA(nv, strength=1.0), NeVA(nv, strength=4.0)
@@ -91,12 +92,11 @@ def test_mixed_with_other_methods(tiny_models, neurons):
     rows = ragged_prompts(96, lengths=(6, 4, 7, 5, 3))
     alone = [generate(model, [row], steering=st, max_new_tokens=8, engine="reference").new_tokens[0].tolist()
              for row, st in zip(rows, steerings)]
-    for attention in ("torch", "triton"):
-        eng = Engine(model, max_batch=len(rows), max_seq_len=32, attention=attention)
-        eng.graph_emulation = True
-        mixed = generate(model, rows, steering=steerings, max_new_tokens=8, engine=eng)
-        for i in range(len(rows)):
-            assert mixed.new_tokens[i].tolist() == alone[i], (attention, i)
+    eng = Engine(model, max_batch=len(rows), max_seq_len=32, attention=attention)
+    eng.graph_emulation = True
+    mixed = generate(model, rows, steering=steerings, max_new_tokens=8, engine=eng)
+    for i in range(len(rows)):
+        assert mixed.new_tokens[i].tolist() == alone[i], (attention, i)
 
 
 def test_bad_input(tiny_models, neurons, tmp_path):

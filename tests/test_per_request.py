@@ -48,6 +48,7 @@ def test_mixed_batch_rows_equal_running_alone(tiny_models, fam):
     assert (plain.new_tokens[1:] != mixed.new_tokens[1:]).any(1).sum() >= 3  # steering really acts
 
 
+@pytest.mark.interpreter
 def test_mixed_batch_triton_backend(tiny_models):
     model = tiny_models["mistral"]
     steerings = _mixed(model)[:4]

@@ -51,17 +51,18 @@ def test_zero_steps_is_unsteered(tiny_models):
     assert torch.equal(out.new_tokens, generate(model, rows, max_new_tokens=N_NEW).new_tokens)
 
 
-def test_mixed_with_svgt_rows_equal_alone(tiny_models):
+@pytest.mark.parametrize("attention", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_mixed_with_svgt_rows_equal_alone(tiny_models, attention):
     model = tiny_models["llama"]
     rc = REControl(_value_fn(model, 3, "silu", scale=3.0), n_steps=3, step_size=2.0)
     sv = SVGT(build_value_module(model, seed=82), refresh_interval=2, refresh="bridge")
     steerings = [rc, None, sv, rc]
     rows = ragged_prompts(82, lengths=(5, 7, 3, 8))
-    for eng in (Engine(model, max_batch=4, max_seq_len=32), Engine(model, max_batch=4, max_seq_len=32, attention="triton")):
-        mixed = generate(model, rows, steering=steerings, max_new_tokens=8, engine=eng)
-        for i, (row, st) in enumerate(zip(rows, steerings)):
-            alone = generate(model, [row], steering=st, max_new_tokens=8, engine="reference")
-            assert mixed.new_tokens[i].tolist() == alone.new_tokens[0].tolist(), (eng.attention, i)
+    eng = Engine(model, max_batch=4, max_seq_len=32, attention=attention)
+    mixed = generate(model, rows, steering=steerings, max_new_tokens=8, engine=eng)
+    for i, (row, st) in enumerate(zip(rows, steerings)):
+        alone = generate(model, [row], steering=st, max_new_tokens=8, engine="reference")
+        assert mixed.new_tokens[i].tolist() == alone.new_tokens[0].tolist(), (attention, i)
 
 
 GOOD, BAD = [11, 12, 13], [21, 22, 23]

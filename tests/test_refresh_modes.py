@@ -28,6 +28,7 @@ def test_engine_equals_mode_reference(tiny_model, refresh):
     assert fast.new_tokens.tolist() == _cached(tiny_model, rows, steering)
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("fam, refresh", [("llama", "window=3"), ("qwen3", "window=3"),
                                           ("mistral", "project"), ("qwen2", "project")])
 def test_triton_engine_equals_mode_reference(tiny_models, fam, refresh):

@@ -46,6 +46,7 @@ def test_triton_on_cpu_without_interpreter_is_refused(llama, monkeypatch):
         Engine(llama, max_batch=1, max_seq_len=8, attention="triton")
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("triton_v, numpy_v, refused", [
     ("3.6.0", "2.4.0", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.0", False), ("3.9.0", "2.4.6", False)])
 def test_triton_interpreter_with_numpy_it_cannot_run(llama, monkeypatch, triton_v, numpy_v, refused):
@@ -64,6 +65,7 @@ def test_triton_interpreter_with_numpy_it_cannot_run(llama, monkeypatch, triton_
             Engine(llama, max_batch=1, max_seq_len=8, attention="triton")
 
 
+@pytest.mark.interpreter
 def test_triton_interpreter_bf16_engine_is_refused():
     """bf16 tl.dot gives garbage in Triton's interpreter: an engine that would run it refuses."""
     model = build_tiny_model("llama", seed=3).to(torch.bfloat16)

@@ -65,6 +65,7 @@ def test_sparse_mixed_prefill_gates(tiny_models):
     assert len(set(fast.trigger_counts.tolist())) > 1
 
 
+@pytest.mark.interpreter
 def test_sparse_triton_backend(tiny_models, monkeypatch):
     """On our kernels the firing decision comes from the fused trigger kernel."""
     import svgt_fast.kernels.trigger as trig
@@ -104,7 +105,7 @@ def test_bad_policy_options(tiny_models, kw, match):
 
 @pytest.mark.parametrize("attention,emulate,batch,n_new,drift", [
     ("torch", False, 8, N_NEW, (0.8, 0.95)),
-    ("triton", True, 4, 7, (0.7,)),  # emulated graphs on the interpreter: a smaller case
+    pytest.param("triton", True, 4, 7, (0.7,), marks=pytest.mark.interpreter),  # emulated graphs on the interpreter: a smaller case
 ])
 def test_sparse_refresh_compacts_fired_rows(tiny_models, monkeypatch, attention, emulate, batch, n_new, drift):
     """Under policy="sparse" the upper stack of a due step runs on the rows that fire only:
