@@ -35,8 +35,11 @@ def segments(*segs: Segment) -> list[Segment]:
 
 
 def _segment_rows(per_seq: torch.Tensor, segs) -> torch.Tensor:
-    """A per-sequence vector (a plan's membership mask) expanded to every row of the segments: [N]."""
-    parts = [(per_seq[:sg.B] if sg.seq is None else per_seq[sg.seq])[:, None].expand(sg.B, sg.M).reshape(-1)
+    """A per-sequence vector (a plan's membership mask) expanded to every row of the segments: [N],
+    contiguous — the kernels read it as a flat array. (expand + reshape of a one-sequence segment
+    is a stride-0 view of one element; the SwiGLU and ConVA kernels read past it, so a single
+    prompt's prefill steered or not by whatever lay in memory after the mask.)"""
+    parts = [(per_seq[:sg.B] if sg.seq is None else per_seq[sg.seq])[:, None].expand(sg.B, sg.M).contiguous().view(-1)
              for sg in segs]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 

@@ -160,3 +160,28 @@ def test_rope_cache_write_rejects_bad_input():
         rope_cache_write(q, k, v, cos.double(), sin.double(), logical, P, bl, kc, kc.clone())
     with pytest.raises(ValueError, match="do not fit"):
         rope_cache_write(q, k, v, cos, sin, logical[:, :2], P, bl, kc, kc.clone())
+
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_kernels_refuse_strided_per_row_vectors():
+    """Per-row vectors are read as flat arrays: an expanded (stride-0) or strided view is refused
+    with a clear error instead of being read past its elements."""
+    from svgt_fast.kernels.conva_edit import conva_edit
+    from svgt_fast.kernels.silu_mul import silu_mul
+
+    I, N = 8, 3
+    gu = torch.randn(N, 2 * I, device=DEV)
+    a, c = torch.ones(I, device=DEV), torch.zeros(I, device=DEV)
+    flag = torch.ones(1, dtype=torch.bool, device=DEV)
+    with pytest.raises(ValueError, match="on must be contiguous"):
+        silu_mul(gu, (a, c, flag.expand(N)))
+    with pytest.raises(ValueError, match="edit a must be contiguous"):
+        silu_mul(gu, (torch.ones(2 * I, device=DEV)[::2], c, flag.expand(N).contiguous()))
+    d = 16
+    x, w = torch.randn(N, d, device=DEV), torch.randn(d, device=DEV)
+    with pytest.raises(ValueError, match="on must be contiguous"):
+        conva_edit(x, None, w, 0.0, w, w, 0.0, 0.9, 0.1, flag.expand(N), 1.0)
+    with pytest.raises(ValueError, match="w must be a float32 tensor"):
+        conva_edit(x, None, w.double(), 0.0, w, w, 0.0, 0.9, 0.1, flag.expand(N).contiguous(), 1.0)

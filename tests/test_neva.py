@@ -79,6 +79,10 @@ def test_engine_equals_hooked_reference(tiny_models, neurons, attention):
     fast = generate(model, rows, steering=steering, max_new_tokens=8, engine=eng)
     ref = generate(model, rows, steering=steering, max_new_tokens=8, engine="reference")
     assert torch.equal(fast.new_tokens, ref.new_tokens)
+    # one prompt alone: its prefill rows' edit mask was once a stride-0 view that the Triton
+    # kernel read past (steered by whatever followed it in memory; found by tests/scenarios.py)
+    one = generate(model, rows[1:2], steering=steering, max_new_tokens=8, engine=eng)
+    assert one.new_tokens[0].tolist() == ref.new_tokens[1].tolist()
     assert (generate(model, rows, max_new_tokens=8, engine=eng).new_tokens != fast.new_tokens).any()
 
 

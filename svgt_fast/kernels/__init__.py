@@ -2,6 +2,19 @@
 from __future__ import annotations
 
 
+def check_vector(op: str, name: str, t, n: int, device, dtypes=None) -> None:
+    """A [n] argument that a kernel reads as a flat array (PTR + i): right length, device and
+    dtype, and stride 1 — a strided or expanded view (stride 0) would be read past its elements,
+    silently (the kernels take no stride for their per-row vectors)."""
+    if tuple(t.shape) != (n,) or t.device != device or (dtypes is not None and t.dtype not in dtypes):
+        want = "" if dtypes is None else " " + "/".join(str(d).replace("torch.", "") for d in dtypes)
+        raise ValueError(f"{op}: {name} must be a{want} tensor [{n}] on {device}, got {t.dtype} "
+                         f"{tuple(t.shape)} on {t.device}")
+    if n > 1 and t.stride(0) != 1:
+        raise ValueError(f"{op}: {name} must be contiguous (stride 1), got stride {t.stride(0)}: the kernel reads "
+                         f"it as a flat array; pass .contiguous()")
+
+
 def interpreter_problem(dtype=None) -> str | None:
     """Why Triton's CPU interpreter (TRITON_INTERPRET=1, tests only) cannot run our kernels with the
     installed packages (or on `dtype` data), or None.

@@ -47,15 +47,15 @@ def conva_edit(x, delta, w, b: float, v, u, c: float, p0: float, g0: float, on, 
     bool/int (rows = x.numel() // d, row-major); wv = w · v (a host float, computed once: no
     sync here). Returns a new tensor like x."""
     d = x.shape[-1]
+    from . import check_vector
+
     for name, t in (("w", w), ("v", v), ("u", u)):
-        if t.shape != (d,) or t.dtype != torch.float32:
-            raise ValueError(f"conva_edit: {name} must be float32 [{d}], got {t.dtype} {tuple(t.shape)}")
+        check_vector("conva_edit", name, t, d, x.device, (torch.float32,))
     if not (0.0 < p0 < 1.0 and 0.0 < g0 < 1.0):
         raise ValueError(f"conva_edit: p0 and g0 must lie in (0, 1), got {p0}, {g0}")
     x2 = x.reshape(-1, d)
     d2 = delta.reshape(-1, d) if delta is not None else x2
-    if on.shape != (x2.shape[0],):
-        raise ValueError(f"conva_edit: on must be [{x2.shape[0]}], got {tuple(on.shape)}")
+    check_vector("conva_edit", "on", on, x2.shape[0], x.device)
     out = torch.empty_like(x2)
     block = triton.next_power_of_2(d)
     _conva_edit_kernel[(x2.shape[0],)](

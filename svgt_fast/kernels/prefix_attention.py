@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import check_vector
+
 
 @triton.jit
 def _attend_tile(q, k, v, visible, scale, m_i, l_i, acc, PRECISION: tl.constexpr):
@@ -142,6 +144,9 @@ def _merge_splits_kernel(PART_ACC, PART_ML, OUT, s_ob, s_om, s_oh, HQ, M, n_spli
     tl.store(OUT + b * s_ob + m_idx * s_om + qh * s_oh + offs_d, (num / den).to(OUT.dtype.element_ty))
 
 
+INT_TYPES = (torch.int32, torch.int64)
+
+
 def _check(name, t, ndim, dtype, device):
     if t.dim() != ndim:
         raise ValueError(f"prefix_attention: {name} must have {ndim} dims, got shape {tuple(t.shape)}")
@@ -156,9 +161,7 @@ def _check_seq_idx(seq_idx, B: int, n_rows: int, device) -> None:
     in [0, n_rows), the caller's contract, as for every index a kernel reads."""
     if seq_idx is None:
         return
-    if tuple(seq_idx.shape) != (B,) or seq_idx.dtype not in (torch.int32, torch.int64) or seq_idx.device != device:
-        raise ValueError(f"seq_idx must be an int tensor [{B}] on {device}, got {seq_idx.dtype} "
-                         f"{tuple(seq_idx.shape)} on {seq_idx.device}")
+    check_vector("prefix attention / rope_cache_write", "seq_idx", seq_idx, B, device, INT_TYPES)
     if n_rows < 1:
         raise ValueError("seq_idx given but the caches hold no rows")
 
@@ -231,10 +234,11 @@ def prefix_attention(
         raise ValueError(f"prefix_attention: {Hq} query heads not a multiple of {Hkv} KV heads")
     if D < 16 or D & (D - 1):
         raise ValueError(f"prefix_attention: head_dim {D} must be a power of two >= 16")
-    for name, t, shape in (("q_pos", q_pos, (B, M)), ("prompt_len", prompt_len, (B,)), ("bridge_len", bridge_len, (B,))):
-        if tuple(t.shape) != shape or t.dtype not in (torch.int32, torch.int64) or t.device != q.device:
-            raise ValueError(f"prefix_attention: {name} must be an int tensor {list(shape)} on {q.device}, "
-                             f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+    if tuple(q_pos.shape) != (B, M) or q_pos.dtype not in INT_TYPES or q_pos.device != q.device:
+        raise ValueError(f"prefix_attention: q_pos must be an int tensor [{B}, {M}] on {q.device}, "
+                         f"got {q_pos.dtype} {tuple(q_pos.shape)} on {q_pos.device}")
+    for name, t in (("prompt_len", prompt_len), ("bridge_len", bridge_len)):
+        check_vector("prefix_attention", name, t, B, q.device, INT_TYPES)
     has_bridge = k_bridge is not None
     if has_bridge:
         for name, t in (("k_bridge", k_bridge), ("v_bridge", v_bridge)):

@@ -109,7 +109,8 @@ def rope_cache_write(q, k, v, cos, sin, logical, prompt_len, bridge_len, k_cache
     qk_norm: (q_weight [D], k_weight [D], eps) or None — Qwen3's per-head RMSNorm, applied first.
     Returns the rotated q as a new [B, M, Hq, D] tensor.
     """
-    from .prefix_attention import _check_seq_idx
+    from . import check_vector
+    from .prefix_attention import INT_TYPES, _check_seq_idx
     B, M, Hq, D = q.shape
     Hkv = k.shape[2]
     if D % 2 or D & (D - 1) or D < 16:
@@ -120,6 +121,8 @@ def rope_cache_write(q, k, v, cos, sin, logical, prompt_len, bridge_len, k_cache
         if t.dtype != q.dtype:
             raise ValueError(f"rope_cache_write: {name} dtype {t.dtype} != q dtype {q.dtype}")
     _check_seq_idx(seq_idx, B, k_cache.shape[0], q.device)
+    for name, t in (("prompt_len", prompt_len), ("bridge_len", bridge_len)):
+        check_vector("rope_cache_write", name, t, B, q.device, INT_TYPES)
     rows = B if seq_idx is None else k_cache.shape[0]
     if k.shape != (B, M, Hkv, D) or v.shape != k.shape or k_cache.shape[:2] != (rows, Hkv) or k_cache.shape[3] != D:
         raise ValueError(f"rope_cache_write: shapes q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)} "

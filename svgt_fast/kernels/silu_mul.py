@@ -38,8 +38,12 @@ def silu_mul(gate_up: torch.Tensor, edit: tuple | None = None) -> torch.Tensor:
     out = torch.empty((g2.shape[0], I), dtype=gate_up.dtype, device=gate_up.device)
     block = min(4096, triton.next_power_of_2(I))
     a, c, on = edit if edit is not None else (out, out, out)
-    if edit is not None and (a.shape != (I,) or c.shape != (I,) or on.shape != (g2.shape[0],)):
-        raise ValueError(f"silu_mul: edit a/c must be [{I}] and on [{g2.shape[0]}]")
+    if edit is not None:
+        from . import check_vector
+
+        check_vector("silu_mul", "edit a", a, I, gate_up.device, (torch.float32,))
+        check_vector("silu_mul", "edit c", c, I, gate_up.device, (torch.float32,))
+        check_vector("silu_mul", "edit on", on, g2.shape[0], gate_up.device)
     _silu_mul_kernel[(g2.shape[0], triton.cdiv(I, block))](g2, out, a, c, on, g2.stride(0), out.stride(0), I,
                                                            BLOCK=block, EDIT=edit is not None, num_warps=4)
     return out.view(*gate_up.shape[:-1], I)

@@ -1,0 +1,155 @@
+"""Random whole-call scenarios for differential testing: a batch of ragged prompts, each row with
+its own steering (none, SVGT in any mode / policy / trigger / K / generator, ConVA, NeVA,
+RE-Control), sampling options, EOS tokens, and an engine configuration (attention backend,
+graph emulation, prefill chunk size, a reused engine). `check_scenario` runs it on the fast
+engine and on the reference engine and says where they differ.
+
+tests/test_scenarios.py runs a fixed handful in CI; `python tests/scenarios.py N [first_seed]`
+runs N of them and prints each failure (for hunting bugs, not a benchmark)."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from helpers import intervention, random_artifact
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+KINDS = ("none", "svgt", "svgt", "svgt", "conva", "neva", "re_control")
+
+
+@dataclass
+class Scenario:
+    seed: int
+    family: str
+    prompts: list[list[int]]
+    steer: list[tuple]  # per row: ("none",) | ("svgt", module_idx, options) | (kind,)
+    new_tokens: int
+    sampling: dict
+    eos_from: tuple[int, int] | None  # (row, step) of the reference's tokens whose token becomes EOS
+    engine: dict = field(default_factory=dict)
+    calls: int = 1  # the same call again on the same engine (graph replay, no state leaking)
+
+    def describe(self) -> str:
+        return (f"seed {self.seed}: {self.family}, lengths {[len(p) for p in self.prompts]}, "
+                f"{self.new_tokens} new, sampling {self.sampling}, eos {self.eos_from}, engine {self.engine}, "
+                f"calls {self.calls}, steering {self.steer}")
+
+
+def random_scenario(seed: int, *, allow_triton: bool = False) -> Scenario:
+    r = random.Random(seed)
+    B = r.choice((1, 1, 2, 3, 4, 5, 7))
+    prompts = [[r.randrange(256) for _ in range(r.randint(1, 12))] for _ in range(B)]
+    steer = []
+    for _ in range(B):
+        kind = r.choice(KINDS)
+        if kind != "svgt":
+            steer.append((kind,))
+            continue
+        opts = dict(refresh_interval=r.choice((1, 2, 3, 5)), beta=r.choice((0.0, 0.5, 0.8, 1.0)),
+                    trigger=r.choice(("current", "current", "prompt")),
+                    gradient_step_size=r.choice((0.0, 0.5, 1.0, 3.0)),
+                    refresh=r.choice(("exact", "exact", "bridge", "project", f"window={r.randint(1, 4)}")))
+        if r.random() < 0.35:
+            opts.update(policy="sparse", score_threshold=r.choice((-1e9, -0.5, 0.0, 0.5, 1e9)),
+                        drift_threshold=r.choice((None, 0.0, 0.2, 0.6)))
+        steer.append(("svgt", r.randrange(3), opts))
+    sampling = {}
+    if r.random() < 0.4:
+        sampling = dict(temperature=r.choice((0.7, 1.0, 1.3)), top_p=r.choice((1.0, 0.9, 0.5)),
+                        top_k=r.choice((0, 0, 5, 40)), seed=r.randrange(1000))
+    engine = dict(graph_emulation=r.random() < 0.5, prefill_tokens=r.choice((4096, 4096, 8, 5)),
+                  spare_batch=r.choice((0, 0, 1, 3)))
+    if allow_triton and r.random() < 0.25:
+        engine["attention"] = "triton"
+    return Scenario(seed, r.choice(FAMILIES), prompts, steer, r.randint(1, 20), sampling,
+                    (r.randrange(B), r.randrange(3)) if r.random() < 0.4 else None, engine,
+                    calls=r.choice((1, 1, 2)))
+
+
+def _steerings(model, sc: Scenario):
+    from svgt_fast import SVGT
+    from svgt_fast.tiny import build_value_module
+
+    modules = [build_value_module(model, seed=900),                                          # VLP, K=5
+               build_value_module(model, seed=901, generator="mlp", n_intervention_tokens=3),
+               build_value_module(model, seed=902, n_intervention_tokens=1)]
+    arts = {}
+    out = []
+    for s in sc.steer:
+        if s[0] == "none":
+            out.append(None)
+        elif s[0] == "svgt":
+            out.append(SVGT(modules[s[1]], **s[2]))
+        else:
+            if s[0] not in arts:
+                arts[s[0]] = intervention(s[0], random_artifact(model, s[0], seed=903))
+            out.append(arts[s[0]])
+    return out
+
+
+def check_scenario(models: dict, sc: Scenario) -> list[str]:
+    """Run sc on the fast engine and on the reference; the differences, as messages."""
+    from svgt_fast import Engine, generate
+
+    model = models[sc.family]
+    steerings = _steerings(model, sc)
+    kw = dict(max_new_tokens=sc.new_tokens, **sc.sampling)
+    eos = []
+    if sc.eos_from is not None:  # an EOS that really occurs: a token of the reference's own output
+        pre = generate(model, sc.prompts, steering=steerings, engine="reference", eos_token_id=[], **kw)
+        row, step = sc.eos_from
+        eos = [int(pre.new_tokens[row, min(step, sc.new_tokens - 1)])]
+    ref = generate(model, sc.prompts, steering=steerings, engine="reference", eos_token_id=eos, **kw)
+    e = sc.engine
+    B = len(sc.prompts)
+    eng = Engine(model, max_batch=B + e.get("spare_batch", 0), max_seq_len=12 + sc.new_tokens + 2,
+                 attention=e.get("attention", "torch"), prefill_tokens=e.get("prefill_tokens", 4096))
+    eng.graph_emulation = e.get("graph_emulation", False)
+    problems = []
+    for call in range(sc.calls):
+        out = generate(model, sc.prompts, steering=steerings, engine=eng, eos_token_id=eos, **kw)
+        for i in range(B):
+            n_ref, n_out = int(ref.num_new_tokens[i]), int(out.num_new_tokens[i])
+            a, b = ref.new_tokens[i, :n_ref].tolist(), out.new_tokens[i, :n_out].tolist()
+            if a != b:
+                first = next((t for t, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                problems.append(f"call {call} row {i} ({sc.steer[i]}): tokens differ from step {first}: "
+                                f"reference {a} vs fast {b}")
+            if int(ref.trigger_counts[i]) != int(out.trigger_counts[i]):
+                problems.append(f"call {call} row {i} ({sc.steer[i]}): trigger count {int(out.trigger_counts[i])} "
+                                f"vs reference {int(ref.trigger_counts[i])}")
+    return problems
+
+
+def tiny_family_models() -> dict:
+    from svgt_fast.tiny import build_tiny_model
+
+    # 7 layers: ConVA steers layers 0 and 1, never the last 5
+    return {fam: build_tiny_model(fam, seed=100 + i, num_hidden_layers=7) for i, fam in enumerate(FAMILIES)}
+
+
+if __name__ == "__main__":
+    import os
+    import sys
+    import time
+
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    n, first = int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 0
+    models = tiny_family_models()
+    failed = 0
+    t0 = time.time()
+    for seed in range(first, first + n):
+        sc = random_scenario(seed, allow_triton=True)
+        try:
+            problems = check_scenario(models, sc)
+        except Exception as exc:  # noqa: BLE001 — a crash is a finding too
+            problems = [f"raised {type(exc).__name__}: {exc}"]
+        if problems:
+            failed += 1
+            print("FAIL", sc.describe())
+            for p in problems[:6]:
+                print("   ", p)
+        sys.stdout.flush()
+    print(f"{n - failed}/{n} scenarios agree ({time.time() - t0:.0f} s)")
