@@ -32,11 +32,20 @@ def ema(old: torch.Tensor, new: torch.Tensor, beta: float) -> torch.Tensor:
 
 def trigger_drift(h: torch.Tensor, h_ref: torch.Tensor) -> torch.Tensor:
     """1 - cos(h, h_ref) per row in fp32 (0 where either is zero): how far the trigger state
-    moved since the row's last refresh (sparse triggering)."""
+    moved since the row's last refresh (sparse triggering).
+
+    Computed as (|h - r|^2 - (|h| - |r|)^2) / (2 |h| |r|), which equals 1 - cos, instead of
+    1 - h.r / (|h| |r|): the latter loses every digit below ~1e-7 to cancellation (a row whose
+    trigger state did not move at all got a drift of +-6e-8 that depended on the summation
+    order, so `drift_threshold=0` fired or not by chance, and the kernel and the eager path
+    disagreed). Here identical states give exactly 0 and small drifts keep their digits.
+    The trigger kernel computes the same sums (kernels/trigger.py)."""
     hf, rf = h.float(), h_ref.float()
-    denom = hf.norm(dim=-1) * rf.norm(dim=-1)
-    safe = torch.where(denom > 0, denom, torch.ones_like(denom))
-    return torch.where(denom > 0, 1 - (hf * rf).sum(-1) / safe, torch.zeros_like(denom))
+    nh, nr = (hf * hf).sum(-1).sqrt(), (rf * rf).sum(-1).sqrt()
+    dd = ((hf - rf) ** 2).sum(-1)
+    denom = 2 * nh * nr
+    drift = (dd - (nh - nr) ** 2) / torch.where(denom > 0, denom, torch.ones_like(denom))
+    return torch.where(denom > 0, drift.clamp_min(0.0), torch.zeros_like(denom))
 
 
 @dataclass(frozen=True)

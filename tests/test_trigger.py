@@ -91,6 +91,38 @@ def test_trigger_score_is_the_discriminator():
     torch.testing.assert_close(score, want.float(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_drift_is_exact_for_an_unmoved_state_and_keeps_small_drifts(dtype):
+    """An unmoved trigger state (trigger="prompt": h_ref is h) has drift exactly 0 in the kernel
+    and in the eager path, so drift_threshold=0 never fires on it; the naive 1 - h.r/(|h||r|)
+    gave +-6e-8 there, by summation order (found by tests/scenarios.py: the kernel fired 0 times
+    and the eager path 5). Small drifts keep their digits (float64 as the judge)."""
+    from svgt_fast.kernels.trigger import SPARSE, trigger
+    from svgt_fast.steering import trigger_drift
+
+    g = torch.Generator().manual_seed(5)
+    B, d = 8, 4096
+    h = (torch.randn(B, d, generator=g) * 3).to(dtype)
+    eps = torch.tensor([0.0, 0.0, 1e-4, 1e-3, 1e-2, 0.1, 0.0, 0.5])[:, None]
+    ref = (h.float() + eps * torch.randn(B, d, generator=g)).to(dtype)
+    ref[1] = h[1] * 2  # same direction, other length: 1 - cos is 0 up to the rounding of 2h
+    ref[6] = h[6]
+    h64, r64 = h.double(), ref.double()
+    want = 1 - (h64 * r64).sum(-1) / (h64.norm(dim=-1) * r64.norm(dim=-1))
+    args = [torch.zeros(B, 4), h, ref, torch.zeros(2, 4), torch.zeros(2), torch.zeros(2), torch.zeros(1),
+            torch.tensor(0), torch.ones(B, dtype=torch.long), torch.full((B,), SPARSE), torch.full((B,), 1e9),
+            torch.zeros(B)]
+    mask, _, count, _, drift = trigger(*[a.to(DEV) for a in args])
+    eager = trigger_drift(h, ref)
+    for got in (drift.cpu(), eager):
+        assert got[0] == 0.0 and got[6] == 0.0  # identical states
+        assert got[1].abs() < 1e-6
+        moved = [2, 3, 4, 5, 7]  # 1 - cos from ~6e-10 to ~1e-2
+        torch.testing.assert_close(got[moved].double(), want[moved], rtol=1e-3, atol=0)
+    assert mask.cpu()[[0, 6]].tolist() == [0, 0]  # drift 0 is not above a threshold of 0
+    assert mask.cpu()[[2, 3, 4, 5, 7]].tolist() == [1] * 5
+
+
 def test_trigger_bad_input():
     from svgt_fast.kernels.trigger import trigger
 

@@ -171,10 +171,9 @@ def trigger_ref(z, h, h_ref, w1, b1, w2, b2, t, interval, policy, score_thr, dri
     zf = z.float()
     u = zf @ w1.float().T + b1.float()
     score = F.gelu(u) @ w2.float().reshape(-1) + b2.float().reshape(())
-    hf, rf = h.float(), h_ref.float()
-    denom = hf.norm(dim=-1) * rf.norm(dim=-1)
-    drift = torch.where(denom > 0, 1 - (hf * rf).sum(-1) / torch.where(denom > 0, denom, torch.ones_like(denom)),
-                        torch.zeros_like(denom))
+    from ..steering import trigger_drift
+
+    drift = trigger_drift(h, h_ref)
     iv = interval.to(torch.int64)
     due = (iv > 0) & (t.to(torch.int64) % torch.where(iv > 0, iv, torch.ones_like(iv)) == 0)
     fire = due & ((policy == 0) | (score > score_thr) | (drift > drift_thr))

@@ -5,7 +5,9 @@ the device (DESIGN §2, sparse triggering). Reference: `trigger_ref` in kernels/
 Per row b, at decode step t (a 0-d device tensor):
     score[b] = w2 · GELU(W1 z[b] + b1) + b2          the discriminator on the value state z
     drift[b] = 1 - cos(h[b], h_ref[b])                how far the trigger state moved since the
-                                                      row's last refresh (0 when either is zero)
+                                                      row's last refresh (0 when either is zero;
+                                                      summed without cancellation: see
+                                                      steering.trigger_drift)
     due[b]   = interval[b] > 0 and t % interval[b] == 0
     fire[b]  = due[b] and (policy[b] == ALWAYS or score[b] > score_thr[b] or drift[b] > drift_thr[b])
 Outputs: mask [B] int32 (fire), rows [B] int32 (the fired row ids in increasing order, then -1),
@@ -49,7 +51,9 @@ def _trigger_kernel(Z, H, HREF, W1, B1, W2, B2, T, INTERVAL, POLICY, STHR, DTHR,
         score += tl.sum(gelu * w2[None, :], 1)
     score += tl.load(B2).to(tl.float32)
     # drift of the trigger state
-    dot = tl.zeros([BLOCK_B], tl.float32)
+    # 1 - cos as (|h - r|^2 - (|h| - |r|)^2) / (2 |h| |r|) (steering.trigger_drift: no
+    # cancellation, exactly 0 for an unmoved state); the same three sums as h.r, |h|^2, |r|^2
+    diff = tl.zeros([BLOCK_B], tl.float32)
     nh = tl.zeros([BLOCK_B], tl.float32)
     nr = tl.zeros([BLOCK_B], tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -57,11 +61,13 @@ def _trigger_kernel(Z, H, HREF, W1, B1, W2, B2, T, INTERVAL, POLICY, STHR, DTHR,
         m = row_ok[:, None] & (dd < D)[None, :]
         h = tl.load(H + rb[:, None] * s_h + dd[None, :], mask=m, other=0.0).to(tl.float32)
         r = tl.load(HREF + rb[:, None] * s_r + dd[None, :], mask=m, other=0.0).to(tl.float32)
-        dot += tl.sum(h * r, 1)
+        diff += tl.sum((h - r) * (h - r), 1)
         nh += tl.sum(h * h, 1)
         nr += tl.sum(r * r, 1)
-    denom = tl.sqrt(nh) * tl.sqrt(nr)
-    drift = tl.where(denom > 0.0, 1.0 - dot / tl.where(denom > 0.0, denom, 1.0), 0.0)
+    nh, nr = tl.sqrt(nh), tl.sqrt(nr)
+    denom = 2.0 * nh * nr
+    drift = (diff - (nh - nr) * (nh - nr)) / tl.where(denom > 0.0, denom, 1.0)
+    drift = tl.where(denom > 0.0, tl.maximum(drift, 0.0), 0.0)
     # schedule and policy
     t = tl.load(T).to(tl.int64)
     interval = tl.load(INTERVAL + rb, mask=row_ok, other=0).to(tl.int64)
@@ -105,9 +111,14 @@ def trigger(z, h, h_ref, w1, b1, w2, b2, t, interval, policy, score_thr, drift_t
     if h.shape != (B, D) or h_ref.shape != (B, D) or w1.shape != (DH, DV) or b1.shape != (DH,) or w2.shape != (DH,):
         raise ValueError(f"trigger: shapes z {tuple(z.shape)} h {tuple(h.shape)} h_ref {tuple(h_ref.shape)} "
                          f"w1 {tuple(w1.shape)} b1 {tuple(b1.shape)} w2 {tuple(w2.shape)} do not fit")
+    from . import check_vector
+
     for name, x in (("interval", interval), ("policy", policy), ("score_thr", score_thr), ("drift_thr", drift_thr)):
-        if tuple(x.shape) != (B,) or x.device != z.device:
-            raise ValueError(f"trigger: {name} must be [{B}] on {z.device}, got {tuple(x.shape)} on {x.device}")
+        check_vector("trigger", name, x, B, z.device)
+    for name, x, n in (("b1", b1, DH), ("w2", w2, DH), ("b2", b2.reshape(-1), 1)):
+        check_vector("trigger", name, x, n, z.device)
+    if DH > 1 and w1.stride(0) != DV:  # read as a row-major [DH, DV] array
+        raise ValueError(f"trigger: w1 must be row-major contiguous, got strides {w1.stride()}")
     if t.numel() != 1 or t.dtype not in (torch.int32, torch.int64):
         raise ValueError("trigger: t must be a 0-d int tensor (the step, on the device)")
     for name, x in (("z", z), ("h", h), ("h_ref", h_ref), ("w1", w1)):
