@@ -5,7 +5,8 @@ graph emulation, prefill chunk size, a reused engine). `check_scenario` runs it 
 engine and on the reference engine and says where they differ.
 
 tests/test_scenarios.py runs a fixed handful in CI; `python tests/scenarios.py N [first_seed]`
-runs N of them and prints each failure (for hunting bugs, not a benchmark)."""
+runs N of them and prints each failure (for hunting bugs, not a benchmark); with
+--shared-engines every call of a configuration goes to one long-lived Engine."""
 from __future__ import annotations
 
 import random
@@ -30,11 +31,12 @@ class Scenario:
     eos_from: tuple[int, int] | None  # (row, step) of the reference's tokens whose token becomes EOS
     engine: dict = field(default_factory=dict)
     calls: int = 1  # the same call again on the same engine (graph replay, no state leaking)
+    stream: bool = False  # through generate(..., stream=True)
 
     def describe(self) -> str:
         return (f"seed {self.seed}: {self.family}, lengths {[len(p) for p in self.prompts]}, "
                 f"{self.new_tokens} new, sampling {self.sampling}, eos {self.eos_from}, engine {self.engine}, "
-                f"calls {self.calls}, steering {self.steer}")
+                f"calls {self.calls}, stream {self.stream}, steering {self.steer}")
 
 
 def random_scenario(seed: int, *, allow_triton: bool = False) -> Scenario:
@@ -63,9 +65,10 @@ def random_scenario(seed: int, *, allow_triton: bool = False) -> Scenario:
                   spare_batch=r.choice((0, 0, 1, 3)))
     if allow_triton and r.random() < 0.25:
         engine["attention"] = "triton"
-    return Scenario(seed, r.choice(FAMILIES), prompts, steer, r.randint(1, 20), sampling,
+    new_tokens = r.randint(1, 20) if r.random() < 0.85 else r.randint(33, 40)  # > 32: exact's 64-row bucket
+    return Scenario(seed, r.choice(FAMILIES), prompts, steer, new_tokens, sampling,
                     (r.randrange(B), r.randrange(3)) if r.random() < 0.4 else None, engine,
-                    calls=r.choice((1, 1, 2)))
+                    calls=r.choice((1, 1, 2)), stream=r.random() < 0.2)
 
 
 def _steerings(model, sc: Scenario):
@@ -89,8 +92,24 @@ def _steerings(model, sc: Scenario):
     return out
 
 
-def check_scenario(models: dict, sc: Scenario) -> list[str]:
-    """Run sc on the fast engine and on the reference; the differences, as messages."""
+MAX_LEN = 12 + 40 + 2  # the longest prompt and generation a scenario draws
+
+
+def _run(model, sc: Scenario, steerings, eng, eos, kw):
+    from svgt_fast import generate
+
+    out = generate(model, sc.prompts, steering=steerings, engine=eng, eos_token_id=eos, stream=sc.stream, **kw)
+    if sc.stream:
+        for _ in out:
+            pass
+        out = out.output
+    return out
+
+
+def check_scenario(models: dict, sc: Scenario, engines: dict | None = None) -> list[str]:
+    """Run sc on the fast engine and on the reference; the differences, as messages.
+    engines: a dict that keeps one Engine per (family, engine options) across calls — a
+    long-lived engine serving unrelated requests one after another (None: a new one per call)."""
     from svgt_fast import Engine, generate
 
     model = models[sc.family]
@@ -104,12 +123,18 @@ def check_scenario(models: dict, sc: Scenario) -> list[str]:
     ref = generate(model, sc.prompts, steering=steerings, engine="reference", eos_token_id=eos, **kw)
     e = sc.engine
     B = len(sc.prompts)
-    eng = Engine(model, max_batch=B + e.get("spare_batch", 0), max_seq_len=12 + sc.new_tokens + 2,
-                 attention=e.get("attention", "torch"), prefill_tokens=e.get("prefill_tokens", 4096))
+    opts = dict(attention=e.get("attention", "torch"), prefill_tokens=e.get("prefill_tokens", 4096))
+    if engines is None:
+        eng = Engine(model, max_batch=B + e.get("spare_batch", 0), max_seq_len=12 + sc.new_tokens + 2, **opts)
+    else:
+        key = (sc.family, e.get("graph_emulation", False), *opts.items())
+        if key not in engines:
+            engines[key] = Engine(model, max_batch=8, max_seq_len=MAX_LEN, **opts)
+        eng = engines[key]
     eng.graph_emulation = e.get("graph_emulation", False)
     problems = []
     for call in range(sc.calls):
-        out = generate(model, sc.prompts, steering=steerings, engine=eng, eos_token_id=eos, **kw)
+        out = _run(model, sc, steerings, eng, eos, kw)
         for i in range(B):
             n_ref, n_out = int(ref.num_new_tokens[i]), int(out.num_new_tokens[i])
             a, b = ref.new_tokens[i, :n_ref].tolist(), out.new_tokens[i, :n_out].tolist()
@@ -136,14 +161,16 @@ if __name__ == "__main__":
     import time
 
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    n, first = int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 0
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    n, first = int(args[0]), int(args[1]) if len(args) > 1 else 0
+    engines = {} if "--shared-engines" in sys.argv else None  # one long-lived engine per configuration
     models = tiny_family_models()
     failed = 0
     t0 = time.time()
     for seed in range(first, first + n):
         sc = random_scenario(seed, allow_triton=True)
         try:
-            problems = check_scenario(models, sc)
+            problems = check_scenario(models, sc, engines)
         except Exception as exc:  # noqa: BLE001 — a crash is a finding too
             problems = [f"raised {type(exc).__name__}: {exc}"]
         if problems:
