@@ -178,5 +178,7 @@ if __name__ == "__main__":
             print("FAIL", sc.describe())
             for p in problems[:6]:
                 print("   ", p)
+        if (seed - first + 1) % 10 == 0:
+            print(f"{seed - first + 1 - failed}/{seed - first + 1} agree so far ({time.time() - t0:.0f} s)")
         sys.stdout.flush()
     print(f"{n - failed}/{n} scenarios agree ({time.time() - t0:.0f} s)")
