@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import check_vector
+
 
 @triton.jit
 def _conva_edit_kernel(X, DELTA, OUT, W, V, U, ON, s_x, s_d, s_o, N, b, c, logit_p0, g0_logit, wv,
@@ -47,8 +49,6 @@ def conva_edit(x, delta, w, b: float, v, u, c: float, p0: float, g0: float, on, 
     bool/int (rows = x.numel() // d, row-major); wv = w · v (a host float, computed once: no
     sync here). Returns a new tensor like x."""
     d = x.shape[-1]
-    from . import check_vector
-
     for name, t in (("w", w), ("v", v), ("u", u)):
         check_vector("conva_edit", name, t, d, x.device, (torch.float32,))
     if not (0.0 < p0 < 1.0 and 0.0 < g0 < 1.0):

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import check_vector
+
 
 @triton.jit
 def _rotate(X, COS, SIN, offs, NW, eps, HALF: tl.constexpr, NORM: tl.constexpr):
@@ -109,7 +111,6 @@ def rope_cache_write(q, k, v, cos, sin, logical, prompt_len, bridge_len, k_cache
     qk_norm: (q_weight [D], k_weight [D], eps) or None — Qwen3's per-head RMSNorm, applied first.
     Returns the rotated q as a new [B, M, Hq, D] tensor.
     """
-    from . import check_vector
     from .prefix_attention import INT_TYPES, _check_seq_idx
     B, M, Hq, D = q.shape
     Hkv = k.shape[2]

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import check_vector
+
 
 @triton.jit
 def _silu_mul_kernel(GU, OUT, A, C, ON, s_g, s_o, I, BLOCK: tl.constexpr, EDIT: tl.constexpr):
@@ -39,8 +41,6 @@ def silu_mul(gate_up: torch.Tensor, edit: tuple | None = None) -> torch.Tensor:
     block = min(4096, triton.next_power_of_2(I))
     a, c, on = edit if edit is not None else (out, out, out)
     if edit is not None:
-        from . import check_vector
-
         check_vector("silu_mul", "edit a", a, I, gate_up.device, (torch.float32,))
         check_vector("silu_mul", "edit c", c, I, gate_up.device, (torch.float32,))
         check_vector("silu_mul", "edit on", on, g2.shape[0], gate_up.device)

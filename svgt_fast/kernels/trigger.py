@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import check_vector
+
 ALWAYS, SPARSE = 0, 1
 MAX_BATCH = 256
 
@@ -111,8 +113,6 @@ def trigger(z, h, h_ref, w1, b1, w2, b2, t, interval, policy, score_thr, drift_t
     if h.shape != (B, D) or h_ref.shape != (B, D) or w1.shape != (DH, DV) or b1.shape != (DH,) or w2.shape != (DH,):
         raise ValueError(f"trigger: shapes z {tuple(z.shape)} h {tuple(h.shape)} h_ref {tuple(h_ref.shape)} "
                          f"w1 {tuple(w1.shape)} b1 {tuple(b1.shape)} w2 {tuple(w2.shape)} do not fit")
-    from . import check_vector
-
     for name, x in (("interval", interval), ("policy", policy), ("score_thr", score_thr), ("drift_thr", drift_thr)):
         check_vector("trigger", name, x, B, z.device)
     for name, x, n in (("b1", b1, DH), ("w2", w2, DH), ("b2", b2.reshape(-1), 1)):
