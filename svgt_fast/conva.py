@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from . import validate
 from .backbone import backbone_info, backbone_parts, check_fits
 from .value_module import WEIGHTS_FILE, load_artifact, save_artifact
 
@@ -112,8 +113,8 @@ class ConVA:
     def __post_init__(self):
         if not isinstance(self.vectors, ConVAVectors):
             raise TypeError(f"ConVA needs ConVAVectors, got {type(self.vectors).__name__}")
-        if not (0.0 < self.p0 < 1.0 and 0.0 < self.g0 < 1.0):
-            raise ValueError(f"p0 and g0 must lie in (0, 1), got {self.p0}, {self.g0}")
+        validate.need_real("p0", self.p0, 0.0, 1.0, open_lo=True, open_hi=True)
+        validate.need_real("g0", self.g0, 0.0, 1.0, open_lo=True, open_hi=True)
 
     @property
     def layers(self) -> list[int]:

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from . import validate
 from .backbone import backbone_info, backbone_parts, check_fits
 from .value_module import WEIGHTS_FILE, load_artifact, save_artifact
 
@@ -95,8 +96,7 @@ class NeVA:
     def __post_init__(self):
         if not isinstance(self.neurons, NeVANeurons):
             raise TypeError(f"NeVA needs NeVANeurons, got {type(self.neurons).__name__}")
-        if not (self.strength == self.strength):
-            raise ValueError("strength must be a number")
+        validate.need_real("strength", self.strength)  # any finite value: a negative one steers away
 
     @property
     def layers(self) -> list[int]:

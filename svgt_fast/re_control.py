@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import validate
 from .backbone import backbone_info, backbone_parts, check_fits
 from .jsonl_rows import encode_pair, read_rows
 from .value_module import WEIGHTS_FILE, load_artifact, save_artifact
@@ -146,10 +147,8 @@ class REControl:
     def __post_init__(self):
         if not isinstance(self.value_fn, REControlValue):
             raise TypeError(f"REControl needs an REControlValue, got {type(self.value_fn).__name__}")
-        if not (isinstance(self.n_steps, int) and self.n_steps >= 0):
-            raise ValueError(f"n_steps must be an int >= 0, got {self.n_steps!r}")
-        if not (self.step_size >= 0.0):
-            raise ValueError(f"step_size must be >= 0, got {self.step_size}")
+        validate.need_int("n_steps", self.n_steps, 0)
+        validate.need_real("step_size", self.step_size, 0.0)
 
     def apply(self, h: torch.Tensor) -> torch.Tensor:
         return self.value_fn.control(h, self.n_steps, self.step_size)

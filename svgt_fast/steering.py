@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import validate
 from .value_module import SVGTModule
 
 TRIGGERS = ("current", "prompt")
@@ -85,21 +86,18 @@ class SVGT:
     def __post_init__(self):
         if not isinstance(self.module, SVGTModule):
             raise TypeError(f"SVGT needs an SVGTModule, got {type(self.module).__name__}")
-        if not (isinstance(self.refresh_interval, int) and self.refresh_interval >= 1):
-            raise ValueError(f"refresh_interval must be an int >= 1, got {self.refresh_interval!r}")
-        if not (0.0 <= self.beta <= 1.0):
-            raise ValueError(f"beta must lie in [0, 1], got {self.beta}")
+        validate.need_int("refresh_interval", self.refresh_interval, 1)
+        validate.need_real("beta", self.beta, 0.0, 1.0)
         if self.trigger not in TRIGGERS:
             raise ValueError(f"trigger must be one of {TRIGGERS}, got {self.trigger!r}")
-        if not (self.gradient_step_size >= 0.0):
-            raise ValueError(f"gradient_step_size must be >= 0, got {self.gradient_step_size}")
+        validate.need_real("gradient_step_size", self.gradient_step_size, 0.0)
         parse_refresh(self.refresh)
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
-        if not isinstance(self.score_threshold, (int, float)) or self.score_threshold != self.score_threshold:
-            raise ValueError(f"score_threshold must be a number, got {self.score_threshold!r}")
-        if self.drift_threshold is not None and not (0.0 <= self.drift_threshold <= 2.0):
-            raise ValueError(f"drift_threshold must lie in [0, 2] (1 - cosine) or be None, got {self.drift_threshold}")
+        # +-inf thresholds are meaningful: never / always fire on the score
+        validate.need_real("score_threshold", self.score_threshold, finite=False)
+        if self.drift_threshold is not None:
+            validate.need_real("drift_threshold (1 - cosine, or None for no drift rule)", self.drift_threshold, 0.0, 2.0)
 
     def fires(self, score: torch.Tensor, drift: torch.Tensor) -> torch.Tensor:
         """Which rows fire at a due step: [B] bool from the discriminator score and the drift."""

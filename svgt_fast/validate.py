@@ -33,6 +33,26 @@ def need_number(name: str, x) -> float:
     return float(x)
 
 
+def need_real(name: str, x, lo: float | None = None, hi: float | None = None, *, open_lo: bool = False,
+              open_hi: bool = False, finite: bool = True) -> float:
+    """x as a float within its bounds, or a clear error: bools and non-numbers are a TypeError;
+    NaN, a value out of bounds, and +-inf where finite is asked are a ValueError."""
+    v = need_number(name, x)
+    below = lo is not None and (v <= lo if open_lo else v < lo)
+    above = hi is not None and (v >= hi if open_hi else v > hi)
+    if v != v or below or above or (finite and v in (float("inf"), float("-inf"))):
+        if lo is not None and hi is not None:
+            want = f"lie in {'(' if open_lo else '['}{lo:g}, {hi:g}{')' if open_hi else ']'}"
+        elif lo is not None:
+            want = f"be {'>' if open_lo else '>='} {lo:g}{' and finite' if finite else ''}"
+        elif hi is not None:
+            want = f"be {'<' if open_hi else '<='} {hi:g}{' and finite' if finite else ''}"
+        else:
+            want = "be finite" if finite else "be a number (not NaN)"
+        raise ValueError(f"{name} must {want}, got {x!r}")
+    return v
+
+
 def model_device(model) -> tuple[torch.device, torch.dtype]:
     """The one device and the floating dtype of a model's parameters, or a clear error when the
     model is split across devices (device_map sharding) or has no data (meta tensors)."""

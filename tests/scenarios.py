@@ -32,11 +32,15 @@ class Scenario:
     engine: dict = field(default_factory=dict)
     calls: int = 1  # the same call again on the same engine (graph replay, no state leaking)
     stream: bool = False  # through generate(..., stream=True)
+    # before the checked calls, the same engine serves another call that is cut short:
+    # ("stream", seed, k): another scenario's request streamed k steps, then closed;
+    # ("refused", seed): a request the engine refuses (too long for its cache)
+    interrupt: tuple | None = None
 
     def describe(self) -> str:
         return (f"seed {self.seed}: {self.family}, lengths {[len(p) for p in self.prompts]}, "
                 f"{self.new_tokens} new, sampling {self.sampling}, eos {self.eos_from}, engine {self.engine}, "
-                f"calls {self.calls}, stream {self.stream}, steering {self.steer}")
+                f"calls {self.calls}, stream {self.stream}, interrupt {self.interrupt}, steering {self.steer}")
 
 
 def random_scenario(seed: int, *, allow_triton: bool = False) -> Scenario:
@@ -66,9 +70,15 @@ def random_scenario(seed: int, *, allow_triton: bool = False) -> Scenario:
     if allow_triton and r.random() < 0.25:
         engine["attention"] = "triton"
     new_tokens = r.randint(1, 20) if r.random() < 0.85 else r.randint(33, 40)  # > 32: exact's 64-row bucket
-    return Scenario(seed, r.choice(FAMILIES), prompts, steer, new_tokens, sampling,
-                    (r.randrange(B), r.randrange(3)) if r.random() < 0.4 else None, engine,
-                    calls=r.choice((1, 1, 2)), stream=r.random() < 0.2)
+    sc = Scenario(seed, r.choice(FAMILIES), prompts, steer, new_tokens, sampling,
+                  (r.randrange(B), r.randrange(3)) if r.random() < 0.4 else None, engine,
+                  calls=r.choice((1, 1, 2)), stream=r.random() < 0.2)
+    # drawn from a stream of its own, so that the draws above stay what they were for every seed
+    r2 = random.Random(seed * 7919 + 1)
+    if r2.random() < 0.3:
+        other = seed + 10**6
+        sc.interrupt = ("stream", other, r2.randint(0, 12)) if r2.random() < 0.8 else ("refused", other)
+    return sc
 
 
 def _steerings(model, sc: Scenario):
@@ -106,6 +116,29 @@ def _run(model, sc: Scenario, steerings, eng, eos, kw):
     return out
 
 
+def _interrupt(model, sc: Scenario, eng) -> None:
+    """Serve the call sc.interrupt names on eng and cut it short. It fits any engine sized for
+    sc: at most sc's batch, prompts of at most 12 tokens, at most sc's new tokens."""
+    from svgt_fast import generate
+
+    other = random_scenario(sc.interrupt[1])
+    n = min(len(other.prompts), len(sc.prompts))
+    other.prompts, other.steer = other.prompts[:n], other.steer[:n]
+    steerings = _steerings(model, other)
+    if sc.interrupt[0] == "refused":
+        try:
+            generate(model, other.prompts, steering=steerings, engine=eng, max_new_tokens=eng.max_seq_len)
+        except ValueError:
+            return
+        raise AssertionError("a request longer than the engine's cache was not refused")
+    stream = generate(model, other.prompts, steering=steerings, engine=eng, stream=True,
+                      max_new_tokens=min(other.new_tokens, sc.new_tokens), **other.sampling)
+    for i, _ in enumerate(stream if sc.interrupt[2] > 0 else ()):  # k = 0: closed before its first step
+        if i + 1 >= sc.interrupt[2]:
+            break
+    stream.close()
+
+
 def check_scenario(models: dict, sc: Scenario, engines: dict | None = None) -> list[str]:
     """Run sc on the fast engine and on the reference; the differences, as messages.
     engines: a dict that keeps one Engine per (family, engine options) across calls — a
@@ -132,6 +165,8 @@ def check_scenario(models: dict, sc: Scenario, engines: dict | None = None) -> l
             engines[key] = Engine(model, max_batch=8, max_seq_len=MAX_LEN, **opts)
         eng = engines[key]
     eng.graph_emulation = e.get("graph_emulation", False)
+    if sc.interrupt is not None:
+        _interrupt(model, sc, eng)
     problems = []
     for call in range(sc.calls):
         out = _run(model, sc, steerings, eng, eos, kw)

@@ -9,11 +9,11 @@ import time
 import pytest
 import torch
 
-from svgt_fast import SVGT, ConVAVectors, Engine, NeVANeurons, REControlValue, SVGTModule, generate
+from svgt_fast import SVGT, ConVA, ConVAVectors, NeVA, REControl, Engine, NeVANeurons, REControlValue, SVGTModule, generate
 from svgt_fast.sampling import SamplingParams
 from svgt_fast.tiny import build_tiny_model, build_value_module
 
-from helpers import ragged_prompts
+from helpers import ragged_prompts, random_artifact
 
 
 @pytest.fixture
@@ -131,6 +131,58 @@ def test_engine_request_checks(llama):
 def test_generate_bad_input(llama, call, exc, msg):
     with pytest.raises(exc, match=msg):
         call(llama)
+
+
+INF, NAN = float("inf"), float("nan")
+
+
+@pytest.mark.parametrize("kind,kw,exc,msg", [
+    ("svgt", dict(refresh_interval=True), TypeError, "refresh_interval must be an int, got bool"),
+    ("svgt", dict(refresh_interval=2.5), TypeError, "refresh_interval must be an int"),
+    ("svgt", dict(refresh_interval=0), ValueError, "refresh_interval must be >= 1"),
+    ("svgt", dict(beta="0.5"), TypeError, "beta must be a number, got str"),
+    ("svgt", dict(beta=NAN), ValueError, r"beta must lie in \[0, 1\]"),
+    ("svgt", dict(gradient_step_size=INF), ValueError, "gradient_step_size must be >= 0 and finite"),
+    ("svgt", dict(score_threshold=NAN), ValueError, "score_threshold must be a number"),
+    ("svgt", dict(drift_threshold="x"), TypeError, "drift_threshold .* must be a number"),
+    ("svgt", dict(drift_threshold=2.5), ValueError, r"drift_threshold .* must lie in \[0, 2\]"),
+    ("conva", dict(p0="high"), TypeError, "p0 must be a number"),
+    ("conva", dict(g0=1.0), ValueError, r"g0 must lie in \(0, 1\)"),
+    ("neva", dict(strength="1"), TypeError, "strength must be a number"),
+    ("neva", dict(strength=INF), ValueError, "strength must be finite"),
+    ("re_control", dict(n_steps=True), TypeError, "n_steps must be an int, got bool"),
+    ("re_control", dict(step_size=-1.0), ValueError, "step_size must be >= 0"),
+    ("re_control", dict(step_size=INF), ValueError, "step_size must be >= 0 and finite"),
+])
+def test_steering_options_are_checked(kind, kw, exc, msg):
+    """A steering option of the wrong type or out of range is refused where it is written, not
+    turned into NaN tokens or a TypeError from deep inside the engine (an infinite
+    gradient_step_size once gave NaN logits, a string strength passed until the first step)."""
+    model = build_tiny_model("llama", seed=5, num_hidden_layers=7)  # ConVA never steers the last 5 layers
+    if kind == "svgt":
+        make = lambda **o: SVGT(build_value_module(model, seed=5), **o)  # noqa: E731
+    else:
+        ctor = dict(conva=ConVA, neva=NeVA, re_control=REControl)[kind]
+        make = lambda **o: ctor(random_artifact(model, kind, seed=5), **o)  # noqa: E731
+    with pytest.raises(exc, match=msg):
+        make(**kw)
+
+
+def test_steering_options_take_numpy_numbers_and_infinite_thresholds(llama):
+    import numpy as np
+
+    vm = build_value_module(llama, seed=6)
+    a = generate(llama, [[3, 4, 5]], max_new_tokens=5, steering=SVGT(
+        vm, refresh_interval=np.int64(2), beta=np.float32(0.5), gradient_step_size=np.float64(1.0)))
+    b = generate(llama, [[3, 4, 5]], max_new_tokens=5, steering=SVGT(vm, refresh_interval=2, beta=0.5,
+                                                                     gradient_step_size=1.0))
+    assert torch.equal(a.new_tokens, b.new_tokens)
+    # an infinite score threshold is a rule, not an error: never fire (sparse) = unsteered
+    never = SVGT(vm, policy="sparse", score_threshold=INF)
+    out = generate(llama, [[3, 4, 5]], max_new_tokens=5, steering=never)
+    assert torch.equal(out.new_tokens, generate(llama, [[3, 4, 5]], max_new_tokens=5).new_tokens)
+    assert int(out.trigger_counts[0]) == 0
+    NeVA(random_artifact(llama, "neva", seed=6), strength=-1.0)  # a negative strength steers away
 
 
 def test_cpu_inputs_are_accepted_and_numpy_ints_work(llama):
