@@ -29,7 +29,7 @@ import torch
 
 from . import validate
 from .backbone import backbone_info, backbone_parts, check_fits
-from .value_module import WEIGHTS_FILE, load_artifact, save_artifact
+from .value_module import CONFIG_FILE, WEIGHTS_FILE, load_artifact, save_artifact
 
 FORMAT_NAME = "svgt_fast.conva"
 LAST_LAYERS_NEVER = 5
@@ -45,6 +45,10 @@ class ConVAConfig:
     backbone_model_type: str | None = None
 
     def __post_init__(self):
+        validate.check_config_fields(self, "ConVAConfig")
+        for name in ("accuracies", "gate_accuracies"):
+            for i, a in enumerate(getattr(self, name)):
+                validate.need_real(f"ConVAConfig: {name}[{i}]", a, 0.0, 1.0)
         if not self.layers:
             raise ValueError("ConVAConfig: no steered layer (no probe reached the accuracy threshold)")
         bad = [l for l in self.layers if not 0 <= l < self.num_backbone_layers - LAST_LAYERS_NEVER]
@@ -92,10 +96,7 @@ class ConVAVectors:
         missing = sorted({"w", "b", "u", "c"} - set(state))
         if missing:
             raise ValueError(f"{weights}: missing tensors {missing}")
-        try:
-            cfg = ConVAConfig(**config)
-        except TypeError as exc:
-            raise ValueError(f"{directory}: bad ConVA config: {exc}") from None
+        cfg = validate.config_from_dict(ConVAConfig, config, os.path.join(directory, CONFIG_FILE), complete=True)
         out = cls(cfg, state["w"], state["b"], state["u"], state["c"])
         return out.to(device) if device is not None else out
 

@@ -20,7 +20,7 @@ import torch
 
 from . import validate
 from .backbone import backbone_info, backbone_parts, check_fits
-from .value_module import WEIGHTS_FILE, load_artifact, save_artifact
+from .value_module import CONFIG_FILE, WEIGHTS_FILE, load_artifact, save_artifact
 
 FORMAT_NAME = "svgt_fast.neva"
 
@@ -36,6 +36,9 @@ class NeVAConfig:
     backbone_model_type: str | None = None
 
     def __post_init__(self):
+        validate.check_config_fields(self, "NeVAConfig")
+        for i, s in enumerate(self.scores):
+            validate.need_real(f"NeVAConfig: scores[{i}] (mean |t|)", s, 0.0)
         if not self.layers or self.top_k < 1 or self.top_k > self.intermediate_size:
             raise ValueError(f"NeVAConfig: layers {self.layers} / top_k {self.top_k} invalid")
         bad = [l for l in self.layers if not 0 <= l < self.num_backbone_layers]
@@ -65,7 +68,7 @@ class NeVANeurons:
     def check_backbone(self, model) -> None:
         c = self.config
         check_fits("NeVA artifact (neurons)", model, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                   num_layers=c.num_backbone_layers)
+                   num_layers=c.num_backbone_layers, model_type=c.backbone_model_type)
 
     def save_pretrained(self, directory) -> None:
         save_artifact(directory, FORMAT_NAME, asdict(self.config),
@@ -77,10 +80,7 @@ class NeVANeurons:
         weights = os.path.join(directory, WEIGHTS_FILE)
         if set(state) != {"idx", "delta"}:
             raise ValueError(f"{weights}: expected tensors idx and delta, got {sorted(state)}")
-        try:
-            cfg = NeVAConfig(**config)
-        except TypeError as exc:
-            raise ValueError(f"{directory}: bad NeVA config: {exc}") from None
+        cfg = validate.config_from_dict(NeVAConfig, config, os.path.join(directory, CONFIG_FILE), complete=True)
         return cls(cfg, state["idx"], state["delta"])
 
 

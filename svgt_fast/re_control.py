@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from . import validate
 from .backbone import backbone_info, backbone_parts, check_fits
 from .jsonl_rows import encode_pair, read_rows
-from .value_module import WEIGHTS_FILE, load_artifact, save_artifact
+from .value_module import CONFIG_FILE, WEIGHTS_FILE, build_on_meta, load_artifact, save_artifact
 
 FORMAT_NAME = "svgt_fast.re_control"
 ACTIVATIONS = ("relu", "tanh", "silu")
@@ -45,6 +45,7 @@ class REControlConfig:
     backbone_model_type: str | None = None
 
     def __post_init__(self):
+        validate.check_config_fields(self, "REControlConfig")
         if self.hidden_size <= 0 or not self.hidden_dims or any(int(h) <= 0 for h in self.hidden_dims):
             raise ValueError(f"REControlConfig: sizes must be > 0, got {self.hidden_size}, {self.hidden_dims}")
         if self.activation not in ACTIVATIONS:
@@ -119,17 +120,15 @@ class REControlValue(nn.Module):
     def from_pretrained(cls, directory, device=None, dtype=None) -> "REControlValue":
         config, state = load_artifact(directory, FORMAT_NAME, "the value function's safetensors weights")
         weights = os.path.join(directory, WEIGHTS_FILE)
-        try:
-            module = cls(REControlConfig(**config))
-        except TypeError as exc:
-            raise ValueError(f"{directory}: bad RE-Control config: {exc}") from None
+        cfg = validate.config_from_dict(REControlConfig, config, os.path.join(directory, CONFIG_FILE), complete=True)
+        module = build_on_meta(cls, cfg, os.path.join(directory, CONFIG_FILE))
         own = module.state_dict()
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         bad = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
         if missing or unexpected or bad:
             raise ValueError(f"{weights} does not match its config: missing {missing}, unexpected {unexpected}, "
                              f"misshapen {bad}")
-        module.load_state_dict(state)
+        module.load_state_dict(state, assign=True)
         module.to(device=device, dtype=dtype or next(iter(state.values())).dtype)
         return module
 

@@ -2,6 +2,7 @@
 ValueError / TypeError that names the argument, what it got and what would work."""
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import os
 
@@ -51,6 +52,55 @@ def need_real(name: str, x, lo: float | None = None, hi: float | None = None, *,
             want = "be finite" if finite else "be a number (not NaN)"
         raise ValueError(f"{name} must {want}, got {x!r}")
     return v
+
+
+def check_config_fields(cfg, what: str) -> None:
+    """Check every field of a config dataclass against its annotation and store it as a plain
+    Python value (NumPy numbers become int / float; JSON writes them back). A wrong type is a
+    TypeError naming the field: a string n_heads or a None layer_norm_eps would otherwise load
+    and fail, or change results, deep inside the first call."""
+    for f in dataclasses.fields(cfg):
+        v, kind, name = getattr(cfg, f.name), f.type, f"{what}: {f.name}"
+        if kind == "int":
+            v = need_int(name, v)
+        elif kind == "float":
+            v = need_real(name, v)
+        elif kind == "bool":
+            if not isinstance(v, bool):
+                raise TypeError(f"{name} must be true or false, got {type(v).__name__} {v!r}")
+        elif kind in ("str", "str | None"):
+            if not (isinstance(v, str) or (v is None and kind == "str | None")):
+                raise TypeError(f"{name} must be a string{' or None' if kind != 'str' else ''}, "
+                                f"got {type(v).__name__} {v!r}")
+        elif kind in ("list[int]", "list[float]"):
+            if not isinstance(v, (list, tuple)):
+                raise TypeError(f"{name} must be a list, got {type(v).__name__} {v!r}")
+            one = need_int if kind == "list[int]" else need_real
+            v = [one(f"{name}[{i}]", x) for i, x in enumerate(v)]
+        else:
+            raise AssertionError(f"check_config_fields: no rule for {f.name}: {kind}")
+        setattr(cfg, f.name, v)
+
+
+def config_from_dict(cls, data, source: str, *, complete: bool):
+    """cls(**data) for a config read from a file: data must be a dict with no unknown field and
+    every field when `complete` (an artifact's config.json, written whole by save_pretrained: a
+    missing n_heads must not quietly become the default and change the module), or at least the
+    required ones. Every problem is a ValueError that names `source`."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: the config must be a JSON object, got {type(data).__name__}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    needed = names if complete else [f.name for f in dataclasses.fields(cls)
+                                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [n for n in needed if n not in data]
+    if unknown or missing:
+        parts = ([f"unknown fields {unknown}"] if unknown else []) + ([f"missing fields {missing}"] if missing else [])
+        raise ValueError(f"{source}: {cls.__name__} " + "; ".join(parts))
+    try:
+        return cls(**data)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{source}: {exc}") from None
 
 
 def model_device(model) -> tuple[torch.device, torch.dtype]:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import validate
 from .layers import EncoderLayer, MultiHeadAttention
 
 FORMAT_NAME = "svgt_fast.svgt_module"
@@ -51,11 +52,15 @@ class SVGTConfig:
             if not ok:
                 raise ValueError(f"SVGTConfig: {msg}")
 
+        validate.check_config_fields(self, "SVGTConfig")
         need(self.hidden_size > 0, f"hidden_size must be > 0, got {self.hidden_size}")
         need(self.num_backbone_layers >= 2, f"num_backbone_layers must be >= 2, got {self.num_backbone_layers}")
         need(0 <= self.extract_layer < self.num_backbone_layers - 1,
              f"extract_layer {self.extract_layer} must lie in 0..{self.num_backbone_layers - 2}")
         need(self.value_dim > 0 and self.value_dim % 2 == 0, f"value_dim must be even and > 0, got {self.value_dim}")
+        need(self.n_heads >= 1 and self.vlp_n_heads >= 1,
+             f"n_heads and vlp_n_heads must be >= 1, got {self.n_heads}, {self.vlp_n_heads}")
+        need(self.layer_norm_eps > 0, f"layer_norm_eps must be > 0, got {self.layer_norm_eps}")
         need(self.value_dim % self.n_heads == 0, f"value_dim {self.value_dim} not divisible by n_heads {self.n_heads}")
         need(self.n_self_attn_layers >= 0, "n_self_attn_layers must be >= 0")
         need(1 <= self.n_intervention_tokens <= 16,
@@ -84,16 +89,10 @@ class SVGTConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "SVGTConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"SVGTConfig: unknown fields {unknown}")
-        required = {f.name for f in fields(cls) if f.default is MISSING}
-        missing = sorted(required - set(data))
-        if missing:
-            raise ValueError(f"SVGTConfig: missing fields {missing}")
-        return cls(**data)
+    def from_dict(cls, data: dict, source: str = "config", complete: bool = False) -> "SVGTConfig":
+        """complete: every field must be given (an artifact's config.json); else the optional
+        ones take their defaults (a config written by hand for the converter)."""
+        return validate.config_from_dict(cls, data, source, complete=complete)
 
 
 def _guard(x: torch.Tensor) -> torch.Tensor:
@@ -295,7 +294,8 @@ class SVGTModule(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device=None, dtype=None) -> "SVGTModule":
         config, state = load_artifact(directory, FORMAT_NAME, "the module's safetensors weights")
-        module = cls(SVGTConfig.from_dict(config))
+        cfg = SVGTConfig.from_dict(config, os.path.join(directory, CONFIG_FILE), complete=True)
+        module = build_on_meta(cls, cfg, os.path.join(directory, CONFIG_FILE))
         module.load_state(state, source=os.path.join(directory, WEIGHTS_FILE))
         if device is not None or dtype is not None:
             module.to(device=device, dtype=dtype)
@@ -317,10 +317,23 @@ class SVGTModule(nn.Module):
                 parts.append("shape mismatch " + ", ".join(
                     f"{k}: {tuple(state[k].shape)} vs expected {tuple(own[k].shape)}" for k in bad))
             raise ValueError(f"{source} does not match the SVGT module config: " + "; ".join(parts))
+        if any(p.is_meta for p in self.parameters()):  # built on the meta device by from_pretrained
+            self.to_empty(device=next(iter(state.values())).device)
+            own = self.state_dict()
         with torch.no_grad():
             for k, v in own.items():
                 v.copy_(state[k])
         self.to(dtype=next(iter(state.values())).dtype)
+
+
+def build_on_meta(cls, config, source: str):
+    """cls(config) on the meta device: sized, not allocated, so that a config which does not fit
+    its weights (a corrupt hidden_size of 10^9) costs nothing and says so."""
+    try:
+        with torch.device("meta"):
+            return cls(config)
+    except (RuntimeError, SystemError, OverflowError, MemoryError) as exc:
+        raise ValueError(f"{source}: sizes that cannot be built ({type(exc).__name__}: {exc})") from None
 
 
 def load_artifact_config(directory: str | os.PathLike, format_name: str) -> dict:
@@ -343,6 +356,8 @@ def load_artifact_config(directory: str | os.PathLike, format_name: str) -> dict
             meta = json.load(f)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise ValueError(f"{path}: expected a JSON object with a \"config\" object (format {format_name!r})")
     if meta.get("format") != format_name:
         raise ValueError(f"{path}: format {meta.get('format')!r}, expected {format_name!r}")
     if meta.get("format_version") != FORMAT_VERSION:

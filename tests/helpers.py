@@ -68,9 +68,13 @@ def random_artifact(model, kind: str, seed: int):
     d, L = model.config.hidden_size, model.config.num_hidden_layers
     if kind == "re_control":
         vf = REControlValue(REControlConfig(d, [16], "tanh"))
+        # weights ~ N(0, 0.5^2): the 2 ascent steps move h by ~1/3 of its norm and change a third of
+        # the greedy tokens, yet amplify a rounding difference in h at most ~7x. At N(0, 3^2) they
+        # amplified it up to 1e4x (median 260x): fp32 rounding of the batched fast path then
+        # flipped sampled tokens in 2 of 70 random scenarios though its logic was right.
         with torch.no_grad():
             for p in vf.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 3.0)
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
         return vf
     if kind == "conva":  # gate always open (u = 0, c = 10): every state is lifted to P0 along w
         cfg = ConVAConfig(d, L, [0, 1])

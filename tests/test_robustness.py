@@ -370,3 +370,76 @@ def test_converter_never_runs_pickled_code(llama, tmp_path):
     with pytest.raises(ValueError, match="weights-only"):
         convert_reference_checkpoint(tmp_path / "s2.pt", tmp_path / "s3.pt", config, tmp_path / "o")
     assert not marker.exists() and not os.path.exists(tmp_path / "o")
+
+
+def _edit_config(path, edit):
+    import json
+
+    with open(path / "config.json") as f:
+        meta = json.load(f)
+    meta = edit(meta)
+    with open(path / "config.json", "w") as f:
+        json.dump(meta, f)
+
+
+def _set(key, value):
+    def edit(meta):
+        meta["config"][key] = value
+        return meta
+    return edit
+
+
+def _drop(key):
+    def edit(meta):
+        del meta["config"][key]
+        return meta
+    return edit
+
+
+@pytest.mark.parametrize("kind,edit,msg", [
+    *[(k, lambda meta: [], 'expected a JSON object with a "config" object') for k in ("svgt", "conva", "neva", "re_control")],
+    *[(k, lambda meta: {"format": meta["format"], "format_version": 1}, 'with a "config" object')
+      for k in ("svgt", "neva")],
+    # a field left out is not quietly given its default: n_heads splits the same weights otherwise
+    ("svgt", _drop("n_heads"), r"SVGTConfig missing fields \['n_heads'\]"),
+    ("svgt", _drop("layer_norm_eps"), "missing fields"),
+    ("svgt", _set("n_heads", "4"), "SVGTConfig: n_heads must be an int, got str"),
+    ("svgt", _set("attention_pooling", 0), "attention_pooling must be true or false"),
+    ("svgt", _set("layer_norm_eps", None), "layer_norm_eps must be a number"),
+    ("svgt", _set("n_heads", 0), "n_heads and vlp_n_heads must be >= 1"),
+    ("svgt", _set("generator", "transformer"), "generator must be one of"),
+    ("svgt", _set("extra", 1), r"unknown fields \['extra'\]"),
+    # sizes that do not fit the weights are found before anything is allocated
+    ("svgt", _set("hidden_size", 10**6), "does not match the SVGT module config"),
+    ("svgt", _set("hidden_size", 10**9), "sizes that cannot be built"),
+    ("conva", _drop("gate_accuracies"), "ConVAConfig missing fields"),
+    ("conva", _set("accuracies", [1.5]), r"accuracies\[0\] must lie in \[0, 1\]"),
+    ("conva", _set("layers", "0"), "layers must be a list"),
+    ("neva", _set("top_k", True), "top_k must be an int, got bool"),
+    ("neva", _set("scores", [-1.0]), r"scores\[0\] .* must be >= 0"),
+    ("re_control", _set("hidden_dims", "8"), "hidden_dims must be a list"),
+    ("re_control", _set("hidden_dims", [10**9]), "does not match its config"),
+    ("re_control", _drop("activation"), "missing fields"),
+])
+def test_corrupt_artifact_configs_are_refused_naming_the_file(llama, tmp_path, kind, edit, msg):
+    """A config.json that is not what save_pretrained wrote (hand-edited, truncated, from another
+    tool) is a ValueError naming the file and the field (the weights file when the sizes disagree
+    with it), never a KeyError, an AttributeError, an
+    out-of-memory or a module quietly built with a default."""
+    classes = _artifacts(llama, tmp_path)
+    _edit_config(tmp_path / kind, edit)
+    with pytest.raises(ValueError, match=msg) as info:
+        classes[kind].from_pretrained(tmp_path / kind)
+    named = "model.safetensors" if "does not match" in msg else "config.json"  # the file that disagrees
+    assert str(tmp_path / kind / named) in str(info.value)
+
+
+def test_neva_artifact_for_another_family_is_refused(llama, tmp_path):
+    """NeVA's fit check compares the model type too, as the other three artifacts' do."""
+    classes = _artifacts(llama, tmp_path)
+    _edit_config(tmp_path / "neva", _set("backbone_model_type", "qwen2"))
+    neurons = classes["neva"].from_pretrained(tmp_path / "neva")
+    with pytest.raises(ValueError, match="built for model_type 'qwen2', backbone is 'llama'"):
+        neurons.check_backbone(llama)
+    with pytest.raises(ValueError, match="model_type 'qwen2'"):
+        generate(llama, [[1, 2]], max_new_tokens=2, steering=NeVA(neurons))
