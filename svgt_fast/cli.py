@@ -124,12 +124,16 @@ _METHOD_OPTIONS = {
 }
 
 
+def _steering_options_given(args) -> set[str]:
+    return {k for k in ("refresh_interval", "refresh", "policy", "beta", "strength", "trigger", "score_threshold",
+                        "drift_threshold", "n_steps") if getattr(args, k) is not None}
+
+
 def load_steering(directory: str, device, dtype, args):
     """An SVGT / ConVA / NeVA / RE-Control steering object from an artifact directory and the
     steering options of `args` (an option the method does not take is an error)."""
     method = artifact_format(directory)
-    given = {k for k in ("refresh_interval", "refresh", "policy", "beta", "strength", "trigger", "score_threshold",
-                         "drift_threshold", "n_steps") if getattr(args, k) is not None}
+    given = _steering_options_given(args)
     extra = given - _METHOD_OPTIONS[method]
     if extra:
         flags = ", ".join("--" + k.replace("_", "-") for k in sorted(extra))
@@ -180,6 +184,10 @@ def _generate(args) -> int:
                        "(one JSON line per step)")
     if args.batch_size < 1:
         raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
+    given = _steering_options_given(args)
+    if given and not args.value_module:  # refused, not ignored: the run would be silently unsteered
+        flags = ", ".join("--" + k.replace("_", "-") for k in sorted(given))
+        raise CliError(f"{flags} steer through an artifact: give --value-module DIR too")
     device, dtype = _device_and_dtype(args)
     t0 = time.perf_counter()
     model = _load_model(args.model, device, dtype)

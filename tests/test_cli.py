@@ -165,6 +165,8 @@ def test_chat_template(files, capsys):
      "no such directory"),
     (["generate", "{root}/model", "hi", "--tokenizer", "bytes", "--value-module", "{root}/conva", "--refresh", "exact"],
      "--refresh do not apply to a conva artifact"),
+    (["generate", "{root}/model", "hi", "--tokenizer", "bytes", "--strength", "2", "--refresh", "bridge"],
+     "--refresh, --strength steer through an artifact: give --value-module DIR too"),  # not silently unsteered
     (["generate", "{root}/model", "hi", "--tokenizer", "bytes", "--value-module", "{root}/svgt", "--refresh", "fast"],
      "refresh must be one of"),
     (["generate", "{root}/model", "hi", "--tokenizer", "bytes", "--top-p", "0"], "top_p"),
