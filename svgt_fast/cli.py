@@ -124,6 +124,10 @@ _METHOD_OPTIONS = {
 }
 
 
+def _flags(names) -> str:
+    return ", ".join("--" + k.replace("_", "-") for k in sorted(names))
+
+
 def _steering_options_given(args) -> set[str]:
     return {k for k in ("refresh_interval", "refresh", "policy", "beta", "strength", "trigger", "score_threshold",
                         "drift_threshold", "n_steps") if getattr(args, k) is not None}
@@ -136,8 +140,7 @@ def load_steering(directory: str, device, dtype, args):
     given = _steering_options_given(args)
     extra = given - _METHOD_OPTIONS[method]
     if extra:
-        flags = ", ".join("--" + k.replace("_", "-") for k in sorted(extra))
-        raise CliError(f"{flags} do not apply to a {method} artifact ({directory})")
+        raise CliError(f"{_flags(extra)} do not apply to a {method} artifact ({directory})")
     opt = lambda k, default: default if getattr(args, k) is None else getattr(args, k)  # noqa: E731
     if method == "svgt":
         from .steering import SVGT
@@ -186,8 +189,7 @@ def _generate(args) -> int:
         raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
     given = _steering_options_given(args)
     if given and not args.value_module:  # refused, not ignored: the run would be silently unsteered
-        flags = ", ".join("--" + k.replace("_", "-") for k in sorted(given))
-        raise CliError(f"{flags} steer through an artifact: give --value-module DIR too")
+        raise CliError(f"{_flags(given)} steer through an artifact: give --value-module DIR too")
     device, dtype = _device_and_dtype(args)
     t0 = time.perf_counter()
     model = _load_model(args.model, device, dtype)

@@ -55,7 +55,6 @@ class ConVAConfig:
         if bad:
             raise ValueError(f"ConVAConfig: layers {bad} outside 0..{self.num_backbone_layers - LAST_LAYERS_NEVER - 1} "
                              f"(never the last {LAST_LAYERS_NEVER})")
-        self.layers = [int(l) for l in self.layers]
 
 
 class ConVAVectors:

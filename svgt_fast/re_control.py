@@ -46,11 +46,10 @@ class REControlConfig:
 
     def __post_init__(self):
         validate.check_config_fields(self, "REControlConfig")
-        if self.hidden_size <= 0 or not self.hidden_dims or any(int(h) <= 0 for h in self.hidden_dims):
+        if self.hidden_size <= 0 or not self.hidden_dims or any(h <= 0 for h in self.hidden_dims):
             raise ValueError(f"REControlConfig: sizes must be > 0, got {self.hidden_size}, {self.hidden_dims}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"REControlConfig: activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        self.hidden_dims = [int(h) for h in self.hidden_dims]
 
 
 def _act(z: torch.Tensor, kind: str) -> torch.Tensor:
