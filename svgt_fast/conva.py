@@ -60,15 +60,21 @@ class ConVAConfig:
 class ConVAVectors:
     """The fitted probes: w, u [n_layers, d]; b, c [n_layers] (float32), for config.layers."""
 
-    def __init__(self, config: ConVAConfig, w, b, u, c):
-        n, d = len(config.layers), config.hidden_size
-        for name, t, shape in (("w", w, (n, d)), ("b", b, (n,)), ("u", u, (n, d)), ("c", c, (n,))):
-            if tuple(t.shape) != shape:
-                raise ValueError(f"ConVA tensor {name} has shape {tuple(t.shape)}, expected {shape}")
+    def __init__(self, config: ConVAConfig, w, b, u, c, source: str = "ConVA vectors"):
+        validate.check_tensors({"w": w, "b": b, "u": u, "c": c}, self.expected(config), source, "ConVA config")
+        zero = (w.float().norm(dim=-1) == 0).nonzero().flatten().tolist()
+        if zero:  # v = w / |w| would be NaN
+            raise ValueError(f"{source}: probe rows {zero} of w are zero (no value direction to steer along)")
         self.config = config
         self.w, self.b, self.u, self.c = (t.float() for t in (w, b, u, c))
         self.v = self.w / self.w.norm(dim=-1, keepdim=True)
         self._host()
+
+    @staticmethod
+    def expected(config: ConVAConfig) -> dict:
+        """name -> a meta tensor of the shape and dtype kind the config needs."""
+        n, d = len(config.layers), config.hidden_size
+        return {k: torch.empty(shape, device="meta") for k, shape in (("w", (n, d)), ("b", (n,)), ("u", (n, d)), ("c", (n,)))}
 
     def _host(self):  # python floats the kernel takes (read once, never inside a step)
         self.b_f = [float(x) for x in self.b]
@@ -92,11 +98,9 @@ class ConVAVectors:
     def from_pretrained(cls, directory, device=None) -> "ConVAVectors":
         config, state = load_artifact(directory, FORMAT_NAME, "the probes' safetensors weights")
         weights = os.path.join(directory, WEIGHTS_FILE)
-        missing = sorted({"w", "b", "u", "c"} - set(state))
-        if missing:
-            raise ValueError(f"{weights}: missing tensors {missing}")
         cfg = validate.config_from_dict(ConVAConfig, config, os.path.join(directory, CONFIG_FILE), complete=True)
-        out = cls(cfg, state["w"], state["b"], state["u"], state["c"])
+        validate.check_tensors(state, cls.expected(cfg), weights, "ConVA config")  # names before unpacking
+        out = cls(cfg, **state, source=weights)
         return out.to(device) if device is not None else out
 
 

@@ -47,13 +47,20 @@ class NeVAConfig:
 
 
 class NeVANeurons:
-    def __init__(self, config: NeVAConfig, idx: torch.Tensor, delta: torch.Tensor):
-        n, k = len(config.layers), config.top_k
-        if tuple(idx.shape) != (n, k) or tuple(delta.shape) != (n, k):
-            raise ValueError(f"NeVA tensors idx {tuple(idx.shape)} / delta {tuple(delta.shape)}, expected {(n, k)}")
+    def __init__(self, config: NeVAConfig, idx: torch.Tensor, delta: torch.Tensor, source: str = "NeVA neurons"):
+        validate.check_tensors({"idx": idx, "delta": delta}, self.expected(config), source, "NeVA config")
         if int(idx.min()) < 0 or int(idx.max()) >= config.intermediate_size:
-            raise ValueError(f"NeVA neuron ids outside 0..{config.intermediate_size - 1}")
+            raise ValueError(f"{source}: neuron ids outside 0..{config.intermediate_size - 1}")
+        repeated = [config.layers[j] for j in range(len(config.layers)) if idx[j].unique().numel() < config.top_k]
+        if repeated:  # the dense edit would keep one of the repeated neurons' deltas, and which one is unspecified
+            raise ValueError(f"{source}: a neuron id repeats within layer(s) {repeated}")
         self.config, self.idx, self.delta = config, idx.long(), delta.float()
+
+    @staticmethod
+    def expected(config: NeVAConfig) -> dict:
+        """name -> a meta tensor of the shape and dtype kind the config needs."""
+        shape = (len(config.layers), config.top_k)
+        return {"idx": torch.empty(shape, dtype=torch.long, device="meta"), "delta": torch.empty(shape, device="meta")}
 
     def dense(self, strength: float, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per steered layer, dense (a, c) [I] float32 vectors of the edit at this strength."""
@@ -78,10 +85,9 @@ class NeVANeurons:
     def from_pretrained(cls, directory) -> "NeVANeurons":
         config, state = load_artifact(directory, FORMAT_NAME, "the neurons' safetensors file")
         weights = os.path.join(directory, WEIGHTS_FILE)
-        if set(state) != {"idx", "delta"}:
-            raise ValueError(f"{weights}: expected tensors idx and delta, got {sorted(state)}")
         cfg = validate.config_from_dict(NeVAConfig, config, os.path.join(directory, CONFIG_FILE), complete=True)
-        return cls(cfg, state["idx"], state["delta"])
+        validate.check_tensors(state, cls.expected(cfg), weights, "NeVA config")  # names before unpacking
+        return cls(cfg, **state, source=weights)
 
 
 @dataclass(frozen=True)

@@ -121,14 +121,9 @@ class REControlValue(nn.Module):
         weights = os.path.join(directory, WEIGHTS_FILE)
         cfg = validate.config_from_dict(REControlConfig, config, os.path.join(directory, CONFIG_FILE), complete=True)
         module = build_on_meta(cls, cfg, os.path.join(directory, CONFIG_FILE))
-        own = module.state_dict()
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        bad = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-        if missing or unexpected or bad:
-            raise ValueError(f"{weights} does not match its config: missing {missing}, unexpected {unexpected}, "
-                             f"misshapen {bad}")
+        common = validate.check_tensors(state, module.state_dict(), weights, "RE-Control value function config")
         module.load_state_dict(state, assign=True)
-        module.to(device=device, dtype=dtype or next(iter(state.values())).dtype)
+        module.to(device=device, dtype=dtype or common)
         return module
 
 

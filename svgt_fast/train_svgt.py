@@ -89,6 +89,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import validate
 from .backbone import backbone_info, backbone_parts
 from .jsonl_rows import encode_pair, read_rows
 from .layers import MultiHeadAttention
@@ -559,9 +560,7 @@ def train_svgt(model, tokenizer, data, out_dir, *, config: dict | None = None, s
         saved, tensors = load_checkpoint(ckpt_dir)
         _check_resume(saved, meta, ckpt_dir)
         state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-        missing = sorted(set(tm.state_dict()) - set(state))
-        if missing:
-            raise ValueError(f"{ckpt_dir}: missing weights {missing}")
+        validate.check_tensors(state, tm.state_dict(), ckpt_dir, "training model")
         tm.load_state_dict(state)
         meta.update(stage=saved["stage"], step=saved["step"], history=saved["history"])
         if "running" in saved:

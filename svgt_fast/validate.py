@@ -103,6 +103,45 @@ def config_from_dict(cls, data, source: str, *, complete: bool):
         raise ValueError(f"{source}: {exc}") from None
 
 
+def check_tensors(state: dict, expected: dict, source: str, what: str) -> torch.dtype | None:
+    """Check tensors read from `source` against `expected` (name -> a tensor, meta is fine, of the
+    shape and dtype kind the config needs): no name missing or unexpected, every shape, a
+    floating dtype where a float is expected and an integer one where an int is (a file of
+    int32 weights or bool masks is corrupt, not something to cast), and finite floats (NaN
+    weights would turn every logit to NaN and every token to id 0). Returns the dtype to hold
+    the floats in: theirs when they share one, else their promotion (fp16 with bf16 is fp32),
+    so a mixed file loses nothing; None when no float is expected. ValueError naming
+    `source` and the tensor otherwise."""
+    for k, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{source}: {k} must be a torch.Tensor, got {type(t).__name__}")
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    misshapen = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k].shape))
+    if missing or unexpected or misshapen:
+        parts = ([f"missing keys {missing}"] if missing else []) + ([f"unexpected keys {unexpected}"] if unexpected else [])
+        if misshapen:
+            parts.append("shape mismatch " + ", ".join(f"{k}: {tuple(state[k].shape)} vs expected "
+                                                       f"{tuple(expected[k].shape)}" for k in misshapen))
+        raise ValueError(f"{source} does not match the {what}: " + "; ".join(parts))
+    floats = []
+    for k in sorted(expected):
+        t, want_float = state[k], expected[k].is_floating_point()
+        if want_float and not t.is_floating_point():
+            raise ValueError(f"{source}: tensor {k} is {t.dtype}, the {what} needs a floating-point tensor")
+        if not want_float and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+            raise ValueError(f"{source}: tensor {k} is {t.dtype}, the {what} needs an integer tensor")
+        if want_float:
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise ValueError(f"{source}: tensor {k} holds {bad} non-finite values (NaN or inf) of {t.numel()}; "
+                                 "the file is corrupt or its training diverged")
+            floats.append(t.dtype)
+    dtype = None
+    for d in floats:
+        dtype = d if dtype is None else torch.promote_types(dtype, d)
+    return dtype
+
+
 def model_device(model) -> tuple[torch.device, torch.dtype]:
     """The one device and the floating dtype of a model's parameters, or a clear error when the
     model is split across devices (device_map sharding) or has no data (meta tensors)."""

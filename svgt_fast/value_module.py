@@ -302,28 +302,16 @@ class SVGTModule(nn.Module):
         return module
 
     def load_state(self, state: dict, source: str = "state dict") -> None:
-        """Strict load with errors that name every missing, unexpected or misshapen key."""
-        own = self.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        bad = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-        if missing or unexpected or bad:
-            parts = []
-            if missing:
-                parts.append(f"missing keys {missing}")
-            if unexpected:
-                parts.append(f"unexpected keys {unexpected}")
-            if bad:
-                parts.append("shape mismatch " + ", ".join(
-                    f"{k}: {tuple(state[k].shape)} vs expected {tuple(own[k].shape)}" for k in bad))
-            raise ValueError(f"{source} does not match the SVGT module config: " + "; ".join(parts))
+        """Strict load (validate.check_tensors: every missing, unexpected, misshapen, non-float
+        or non-finite tensor named). The module takes the weights' dtype, their promotion when
+        they mix."""
+        dtype = validate.check_tensors(state, self.state_dict(), source, "SVGT module config")
         if any(p.is_meta for p in self.parameters()):  # built on the meta device by from_pretrained
             self.to_empty(device=next(iter(state.values())).device)
-            own = self.state_dict()
+        self.to(dtype=dtype)
         with torch.no_grad():
-            for k, v in own.items():
+            for k, v in self.state_dict().items():
                 v.copy_(state[k])
-        self.to(dtype=next(iter(state.values())).dtype)
 
 
 def build_on_meta(cls, config, source: str):

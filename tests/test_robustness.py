@@ -418,7 +418,7 @@ def _drop(key):
     ("neva", _set("top_k", True), "top_k must be an int, got bool"),
     ("neva", _set("scores", [-1.0]), r"scores\[0\] .* must be >= 0"),
     ("re_control", _set("hidden_dims", "8"), "hidden_dims must be a list"),
-    ("re_control", _set("hidden_dims", [10**9]), "does not match its config"),
+    ("re_control", _set("hidden_dims", [10**9]), "does not match the RE-Control value function config"),
     ("re_control", _drop("activation"), "missing fields"),
 ])
 def test_corrupt_artifact_configs_are_refused_naming_the_file(llama, tmp_path, kind, edit, msg):
@@ -432,6 +432,93 @@ def test_corrupt_artifact_configs_are_refused_naming_the_file(llama, tmp_path, k
         classes[kind].from_pretrained(tmp_path / kind)
     named = "model.safetensors" if "does not match" in msg else "config.json"  # the file that disagrees
     assert str(tmp_path / kind / named) in str(info.value)
+
+
+def _edit_weights(path, edit):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(path / "model.safetensors")
+    save_file({k: v.contiguous() for k, v in edit(state).items()}, path / "model.safetensors")
+
+
+def _retensor(name, fn):
+    def edit(state):
+        key = name if name in state else sorted(state)[0]
+        return {**state, key: fn(state[key])}
+    return edit
+
+
+_NAN = lambda t: torch.full_like(t, float("nan"))
+
+
+@pytest.mark.parametrize("kind,edit,msg", [
+    # a diverged or corrupt file: NaN weights gave every logit NaN and every token id 0, silently
+    *[(k, _retensor("", _NAN), "non-finite values") for k in ("svgt", "conva", "re_control")],
+    ("neva", _retensor("delta", _NAN), r"tensor delta holds 2 non-finite values"),
+    ("svgt", _retensor("generator.gate_alpha", lambda t: t.clone().fill_(float("inf"))), "generator.gate_alpha holds 1 non-finite"),
+    # integer or bool weights are a wrong file, not something to cast (RE-Control raised torch's own RuntimeError)
+    *[(k, _retensor("", lambda t: t.to(torch.int32)), "is torch.int32, the .* needs a floating-point tensor")
+      for k in ("svgt", "conva", "re_control")],
+    ("svgt", _retensor("", lambda t: t.bool()), "is torch.bool, the SVGT module config needs a floating-point"),
+    ("neva", _retensor("delta", lambda t: t.to(torch.int64)), "tensor delta is torch.int64"),
+    # NeVA neuron ids: integers (a float id was truncated), each once per layer
+    ("neva", _retensor("idx", lambda t: t.float() + 0.5), "tensor idx is torch.float32, the NeVA config needs an integer"),
+    ("neva", _retensor("idx", lambda t: t.bool()), "tensor idx is torch.bool"),
+    ("neva", _retensor("idx", lambda t: torch.zeros_like(t)), r"a neuron id repeats within layer\(s\) \[1\]"),
+    ("neva", _retensor("idx", lambda t: t + 10**6), "neuron ids outside"),
+    # a zero ConVA probe has no direction: v = w / |w| was NaN
+    ("conva", _retensor("w", torch.zeros_like), r"probe rows \[0\] of w are zero"),
+    # the shared key / shape check (SVGT and RE-Control had two of their own)
+    ("re_control", lambda s: {**s, "extra": torch.zeros(1)}, r"unexpected keys \['extra'\]"),
+    ("re_control", lambda s: {k: v for k, v in s.items() if k != "layers.1.bias"}, r"missing keys \['layers.1.bias'\]"),
+    ("conva", lambda s: {**s, "b": torch.zeros(())}, r"shape mismatch b: \(\) vs expected \(1,\)"),
+    ("neva", lambda s: {"idx": s["idx"]}, r"missing keys \['delta'\]"),
+])
+def test_corrupt_artifact_tensors_are_refused_naming_the_file(llama, tmp_path, kind, edit, msg):
+    """Weights that cannot be what save_pretrained wrote (NaN, integers for floats, floats for
+    neuron ids, repeated ids, a zero probe, a wrong name or shape) are a ValueError naming the
+    weights file, before any generate call could turn them into silent garbage."""
+    classes = _artifacts(llama, tmp_path)
+    _edit_weights(tmp_path / kind, edit)
+    with pytest.raises(ValueError, match=msg) as info:
+        classes[kind].from_pretrained(tmp_path / kind)
+    assert str(tmp_path / kind / "model.safetensors") in str(info.value)
+
+
+def test_artifact_constructors_check_their_tensors(llama):
+    """Built in code (a fit, a notebook), the artifacts go through the same tensor check."""
+    from svgt_fast.conva import ConVAConfig
+    from svgt_fast.neva import NeVAConfig
+
+    d, I, L = llama.config.hidden_size, llama.config.intermediate_size, llama.config.num_hidden_layers
+    cfg = ConVAConfig(d, L + 5, [0])
+    with pytest.raises(ValueError, match="ConVA vectors: tensor w is torch.int64"):
+        ConVAVectors(cfg, torch.ones(1, d, dtype=torch.long), torch.zeros(1), torch.zeros(1, d), torch.zeros(1))
+    with pytest.raises(TypeError, match="ConVA vectors: b must be a torch.Tensor, got list"):
+        ConVAVectors(cfg, torch.ones(1, d), [0.0], torch.zeros(1, d), torch.zeros(1))
+    with pytest.raises(ValueError, match="NeVA neurons: a neuron id repeats"):
+        NeVANeurons(NeVAConfig(d, I, L, [1, 2], 2), torch.tensor([[0, 5], [3, 3]]), torch.ones(2, 2))
+    NeVANeurons(NeVAConfig(d, I, L, [1, 2], 2), torch.tensor([[0, 5], [3, 5]], dtype=torch.int32), torch.ones(2, 2))
+
+
+@pytest.mark.parametrize("kind", ["svgt", "re_control"])
+def test_mixed_dtype_artifact_loads_without_loss(llama, tmp_path, kind):
+    """A file whose tensors mix dtypes (one fp16 tensor among fp32 ones; fp16 with bf16) loads in
+    their promotion, every value exact: before, the module took the first tensor's dtype, so
+    one fp16 tensor rounded all the others to fp16."""
+    from safetensors.torch import load_file
+
+    classes = _artifacts(llama, tmp_path)
+    names = sorted(load_file(tmp_path / kind / "model.safetensors"))
+    for first, rest, want in ((torch.float16, torch.float32, torch.float32), (torch.bfloat16, torch.float16, torch.float32),
+                              (torch.bfloat16, torch.bfloat16, torch.bfloat16)):
+        _edit_weights(tmp_path / kind, lambda s: {k: v.to(first if k == names[0] else rest) for k, v in s.items()})
+        stored = load_file(tmp_path / kind / "model.safetensors")
+        module = classes[kind].from_pretrained(tmp_path / kind)
+        got = module.state_dict()
+        assert {t.dtype for t in got.values()} == {want}
+        for k, v in stored.items():
+            assert torch.equal(got[k], v.to(want)), k
 
 
 def test_neva_artifact_for_another_family_is_refused(llama, tmp_path):

@@ -101,6 +101,24 @@ def test_checkpoint_of_another_backbone_is_refused(tiny_models, tmp_path):
     assert load_checkpoint(tmp_path / "checkpoint")[0]["step"] == 1
 
 
+def test_checkpoint_with_corrupt_weights_is_refused(tiny_models, tmp_path):
+    """A resume reads the checkpoint's weights through the same tensor check as the artifacts:
+    a diverged (NaN) or truncated checkpoint is refused naming it, not trained on."""
+    from safetensors.torch import load_file, save_file
+
+    rows = _tiny_rows()
+    train_svgt(tiny_models["llama"], None, rows, tmp_path, stop_after=2, **TINY)
+    path = tmp_path / "checkpoint" / "model.safetensors"
+    good = load_file(path)
+    key = sorted(k for k in good if k.startswith("model."))[0]
+    save_file({**good, key: torch.full_like(good[key], float("nan"))}, path)
+    with pytest.raises(ValueError, match=f"checkpoint: tensor {key[len('model.'):]} holds .* non-finite values"):
+        train_svgt(tiny_models["llama"], None, rows, tmp_path, **TINY)
+    save_file({k: v for k, v in good.items() if k != key}, path)
+    with pytest.raises(ValueError, match=rf"checkpoint does not match the training model: missing keys \['{key[len('model.'):]}'\]"):
+        train_svgt(tiny_models["llama"], None, rows, tmp_path, **TINY)
+
+
 # ---- the stage-2 trigger-path loss ---------------------------------------------------------------
 def test_trigger_bce_reads_every_prefix(tiny_models):
     """trigger_positions="all": the 1-token value path is fitted at the last prompt token and at
