@@ -125,17 +125,23 @@ def _unpad(ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
     return rows
 
 
-def _eos_set(model, eos_token_id) -> frozenset[int]:
+def _eos_set(model, eos_token_id, vocab_size: int) -> frozenset[int]:
+    """The stop ids: eos_token_id, else the model's generation_config's. An id outside the
+    vocabulary is refused: it can never be sampled, so the rows would silently never stop."""
+    where = "eos_token_id"
     if eos_token_id is None:
         gen_cfg = getattr(model, "generation_config", None)
-        eos_token_id = getattr(gen_cfg, "eos_token_id", None)
+        eos_token_id, where = getattr(gen_cfg, "eos_token_id", None), "the model's generation_config.eos_token_id"
     if eos_token_id is None:
         return frozenset()
-    if validate.is_int(eos_token_id):
-        return frozenset([eos_token_id])
-    if not isinstance(eos_token_id, (list, tuple, set, frozenset)) or not all(validate.is_int(e) for e in eos_token_id):
-        raise TypeError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
-    return frozenset(int(e) for e in eos_token_id)
+    ids = [eos_token_id] if validate.is_int(eos_token_id) else eos_token_id
+    if not isinstance(ids, (list, tuple, set, frozenset)) or not all(validate.is_int(e) for e in ids):
+        raise TypeError(f"{where} must be an int or a list of ints, got {eos_token_id!r}")
+    outside = sorted(int(e) for e in ids if not 0 <= e < vocab_size)
+    if outside:
+        raise ValueError(f"{where} {outside} lies outside the vocabulary [0, {vocab_size}): no row could ever stop "
+                         "on it; pass the tokenizer's eos id (or eos_token_id=[] for none)")
+    return frozenset(int(e) for e in ids)
 
 
 def _pad_id(model, pad_token_id, eos: frozenset[int]) -> int:
@@ -196,6 +202,8 @@ def generate(
     max_new_tokens = int(max_new_tokens)
     if not isinstance(stream, bool):
         raise TypeError(f"stream must be True or False, got {stream!r}")
+    if tokenizer is not None and not (callable(tokenizer) and callable(getattr(tokenizer, "decode", None))):
+        raise TypeError(f"tokenizer must be a Hugging Face tokenizer (callable, with .decode), got {type(tokenizer).__name__}")
     if not (steering is None or isinstance(steering, (SVGT, REControl, ConVA, NeVA, list, tuple))):
         raise TypeError(f"steering must be None, svgt_fast.SVGT / REControl / ConVA / NeVA(...) or a list of them, "
                         f"got {type(steering).__name__}")
@@ -225,7 +233,7 @@ def generate(
     for i, (p, st) in enumerate(zip(prompts, plan.per_row)):
         extra = st.n_tokens if isinstance(st, SVGT) else 0
         check_total_length(info, p.shape[0] + extra + max_new_tokens, f"row {i} (prompt {p.shape[0]} tokens)")
-    eos = _eos_set(model, eos_token_id)
+    eos = _eos_set(model, eos_token_id, info.vocab_size)
     pad = _pad_id(model, pad_token_id, eos)
 
     t0 = time.perf_counter()

@@ -18,6 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
+from . import validate
+
+# The smallest temperature sampled: 1 / 1e-6 keeps logits up to ~1e32 finite in float32 (at 1e-300
+# the division gave inf, softmax NaN and every token id 0). Temperature 0 is greedy.
+MIN_TEMPERATURE = 1e-6
 _MASK32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
 
@@ -29,12 +34,12 @@ class SamplingParams:
     top_k: int = 0
 
     def __post_init__(self):
-        if not (self.temperature >= 0.0):
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        t = validate.need_real("temperature", self.temperature, 0.0)
+        if 0.0 < t < MIN_TEMPERATURE:
+            raise ValueError(f"temperature {t!r} is below {MIN_TEMPERATURE:g}: logits / temperature overflow float32 "
+                             "(every token came out id 0); use temperature=0 for greedy")
+        validate.need_real("top_p", self.top_p, 0.0, 1.0, open_lo=True)
+        validate.need_int("top_k", self.top_k, 0)
 
     @property
     def greedy(self) -> bool:

@@ -125,6 +125,16 @@ def test_engine_request_checks(llama):
     (lambda m: generate(m, [[1, 2]], max_new_tokens=2, top_k=2.0), TypeError, "top_k"),
     (lambda m: generate(m, [[1, 2]], max_new_tokens=2, temperature=0.5, seed=1.5), TypeError, "seed"),
     (lambda m: generate(m, [[1, 2]], max_new_tokens=2, eos_token_id="eos"), TypeError, "eos_token_id"),
+    # an eos id outside the vocabulary can never be sampled: the rows would silently never stop
+    (lambda m: generate(m, [[1, 2]], max_new_tokens=2, eos_token_id=10**6), ValueError,
+     r"eos_token_id \[1000000\] lies outside the vocabulary \[0, 257\)"),
+    (lambda m: generate(m, [[1, 2]], max_new_tokens=2, eos_token_id=[256, -1]), ValueError, r"eos_token_id \[-1\] lies"),
+    # 1 / 1e-300 overflowed float32: softmax NaN, every token id 0 (both engines)
+    *[(lambda m, e=e: generate(m, [[1, 2]], max_new_tokens=2, temperature=1e-300, seed=0, engine=e), ValueError,
+       "temperature 1e-300 is below 1e-06") for e in ("fast", "reference")],
+    (lambda m: generate(m, [[1, 2]], max_new_tokens=2, temperature=float("inf"), seed=0), ValueError,
+     "temperature must be >= 0 and finite"),
+    (lambda m: generate(m, [[1, 2]], max_new_tokens=2, tokenizer=object()), TypeError, "tokenizer must be a Hugging Face"),
     (lambda m: generate(m, [[1, 2]], max_new_tokens=2, steering=[None, None]), ValueError, "2 entries"),
     (lambda m: generate(m, [[1, 2]], max_new_tokens=2, engine=["fast"]), ValueError, "engine must be"),
 ])

@@ -55,7 +55,34 @@ def test_frequencies_follow_softmax():
     assert torch.all((freq - probs).abs() <= 4 * (probs * (1 - probs) / n).sqrt())
 
 
-@pytest.mark.parametrize("kw", [dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-2)])
-def test_bad_params(kw):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("kw,exc,msg", [
+    (dict(temperature=-1.0), ValueError, "temperature must be >= 0"),
+    (dict(temperature=float("nan")), ValueError, "temperature must be >= 0"),
+    (dict(temperature=1e-7), ValueError, "below 1e-06"),
+    (dict(temperature=True), TypeError, "temperature must be a number, got bool"),
+    (dict(top_p=0.0), ValueError, r"top_p must lie in \(0, 1\]"),
+    (dict(top_p=1.5), ValueError, r"top_p must lie in \(0, 1\]"),
+    (dict(top_k=-2), ValueError, "top_k must be >= 0"),
+    (dict(top_k=3.0), TypeError, "top_k must be an int"),
+])
+def test_bad_params(kw, exc, msg):
+    with pytest.raises(exc, match=msg):
         SamplingParams(**kw)
+
+
+def test_smallest_temperature_is_greedy_and_finite():
+    """At MIN_TEMPERATURE the scaled logits stay finite (below it 1/T overflowed float32 and every
+    draw was id 0), so the draw is the argmax: the greedy tokens, in both engines."""
+    from svgt_fast import generate
+    from svgt_fast.sampling import MIN_TEMPERATURE
+    from svgt_fast.tiny import build_tiny_model
+
+    model = build_tiny_model("llama", seed=0)
+    rows = [[1, 2, 3], [7, 8]]
+    greedy = generate(model, rows, max_new_tokens=12, eos_token_id=[]).new_tokens
+    for engine in ("fast", "reference"):
+        cold = generate(model, rows, max_new_tokens=12, temperature=MIN_TEMPERATURE, seed=5, engine=engine,
+                        eos_token_id=[]).new_tokens
+        assert torch.equal(cold, greedy), engine
+    logits = torch.tensor([[1e4, -1e4, 0.0]])
+    assert int(sample_next(logits, SamplingParams(temperature=MIN_TEMPERATURE), torch.arange(1), 0)) == 0
