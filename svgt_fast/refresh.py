@@ -100,7 +100,9 @@ class RefreshSteps:
             if mode == "project":
                 self._project_bridge(bridge[:, :g.k].to(self.dtype), P, range(e + 1, L), rows=fire & plan.member(g, dev))
                 continue
-            n = (exact_rows if exact_rows is not None else int(t)) if mode == "exact" else window + 1
+            # A window wider than the response so far repeats response token 0 (same K/V, same
+            # result), so one as wide as the cache is every window: window=10**12 allocated 10**12 rows.
+            n = (exact_rows if exact_rows is not None else int(t)) if mode == "exact" else min(window, self.max_seq_len) + 1
             spans.append((g, r, n))
         M = max([g.k + n for g, _, n in spans], default=1)
         xs = x.expand(B, M, x.shape[-1]).clone()

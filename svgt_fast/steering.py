@@ -21,7 +21,7 @@ def parse_refresh(refresh: str) -> tuple[str, int | None]:
         return "window", 0
     if isinstance(refresh, str) and refresh.startswith("window="):
         w = refresh[len("window="):]
-        if w.isdigit():
+        if w.isascii() and w.isdigit():  # not "²", which isdigit() takes and int() refuses
             return "window", int(w)
     raise ValueError(f"refresh must be one of {REFRESH_MODES} (W an int >= 0), got {refresh!r}")
 

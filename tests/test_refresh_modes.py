@@ -110,6 +110,25 @@ def test_mode_nesting(tiny_models):
     assert torch.equal(run("window=0"), run("bridge"))
 
 
+def test_window_wider_than_the_cache_is_exact(tiny_models):
+    """A window wider than the engine's cache is every response token: window=10**12 tried to
+    allocate 10**12 rows per refresh; it is now as wide as the cache and equals exact, on the
+    eager step, an emulated graph and the reference."""
+    from svgt_fast import Engine
+
+    model = tiny_models["llama"]
+    module = build_value_module(model, seed=44)
+    rows = ragged_prompts(44, lengths=(4, 7))
+    exact = generate(model, rows, max_new_tokens=N_NEW, steering=SVGT(module, refresh_interval=2)).new_tokens
+    wide = SVGT(module, refresh_interval=2, refresh=f"window={10**12}")
+    assert torch.equal(generate(model, rows, max_new_tokens=N_NEW, steering=wide).new_tokens, exact)
+    assert torch.equal(generate(model, rows, max_new_tokens=N_NEW, steering=wide, engine="reference").new_tokens, exact)
+    eng = Engine(model, max_batch=2, max_seq_len=32)
+    eng.graph_emulation = True
+    out = generate(model, rows, max_new_tokens=N_NEW, steering=wide, engine=eng)
+    assert torch.equal(out.new_tokens, exact) and out.timings["graph_steps"] == N_NEW - 1
+
+
 def test_approximate_modes_really_differ_from_exact(tiny_models):
     """Stale response K/V (bridge) and the projection shortcut change the logits after a refresh."""
     model = tiny_models["mistral"]
@@ -126,7 +145,7 @@ def test_approximate_modes_really_differ_from_exact(tiny_models):
         assert (traces[mode][4] - traces["exact"][4]).abs().max() > 1e-3, mode
 
 
-@pytest.mark.parametrize("bad", ["window=-1", "window=", "windows", "exact2", "window=2.5", 3])
+@pytest.mark.parametrize("bad", ["window=-1", "window=", "windows", "exact2", "window=2.5", 3, "window=\u00b2"])
 def test_bad_refresh_option(bad):
     with pytest.raises(ValueError, match="refresh must be one of"):
         parse_refresh(bad)
