@@ -78,6 +78,8 @@ def random_scenario(seed: int, *, allow_triton: bool = False) -> Scenario:
     if r2.random() < 0.3:
         other = seed + 10**6
         sc.interrupt = ("stream", other, r2.randint(0, 12)) if r2.random() < 0.8 else ("refused", other)
+        if r2.random() < 0.3:  # drawn last, so that the kinds above stay what they were
+            sc.interrupt = ("overflow", other)
     return sc
 
 
@@ -125,6 +127,14 @@ def _interrupt(model, sc: Scenario, eng) -> None:
     n = min(len(other.prompts), len(sc.prompts))
     other.prompts, other.steer = other.prompts[:n], other.steer[:n]
     steerings = _steerings(model, other)
+    if sc.interrupt[0] == "overflow":  # a call whose steering overflows leaves NaN in the caches
+        from svgt_fast import SVGT
+        from svgt_fast.tiny import build_value_module
+
+        blow = SVGT(build_value_module(model, seed=900), refresh_interval=1, gradient_step_size=1e30)
+        generate(model, other.prompts, steering=blow, engine=eng, max_new_tokens=min(3, sc.new_tokens))
+        assert torch.isnan(eng.v_cache).any() or torch.isnan(eng.v_bridge).any(), "the overflowing call left no NaN"
+        return
     if sc.interrupt[0] == "refused":
         try:
             generate(model, other.prompts, steering=steerings, engine=eng, max_new_tokens=eng.max_seq_len)

@@ -66,6 +66,41 @@ def test_engine_reuse_leaves_nothing_stale(tiny_models):
         assert torch.equal(fast.new_tokens, ref.new_tokens)
 
 
+def _poison(eng) -> None:
+    """Fill every cache the engine keeps between calls with NaN: what a call that overflowed
+    (a huge step size, a bf16 overflow) leaves behind."""
+    for name in ("k_cache", "v_cache", "k_bridge", "v_bridge", "hidden"):
+        t = getattr(eng, name)
+        if t is not None:
+            t.fill_(float("nan"))
+
+
+@pytest.mark.parametrize("attention,graphs", [("torch", False), ("torch", True),
+                                               pytest.param("triton", False, marks=pytest.mark.interpreter)])
+def test_nan_left_by_an_earlier_call_never_leaks(tiny_models, attention, graphs):
+    """Slots a call has not written are never read: before, attention read the bridge_len slots
+    after a row's newest token with weight 0, and 0 * NaN = NaN, so once a call had overflowed
+    (gradient_step_size=1e30 here) every later call on that engine gave token id 0 in its
+    shorter rows. Each call here runs on caches poisoned with NaN and equals the reference."""
+    model = build_tiny_model("qwen3", seed=19)  # head_dim 16: a valid Triton tile
+    module = build_value_module(model, seed=19)
+    eng = Engine(model, max_batch=3, max_seq_len=32, attention=attention)
+    eng.graph_emulation = graphs
+    rows = ragged_prompts(19, lengths=(7, 2, 4))
+    overflow = SVGT(module, refresh_interval=2, gradient_step_size=1e30)
+    assert (generate(model, rows, steering=overflow, max_new_tokens=4, engine=eng).new_tokens == 0).any()
+    assert torch.isnan(eng.v_cache).any()  # the overflowing call did leave NaN behind
+    for steering in (SVGT(module, refresh_interval=2),
+                     [SVGT(module, refresh_interval=3, refresh="window=2"), None,
+                      SVGT(module, refresh_interval=2, policy="sparse", score_threshold=-1e9)],
+                     None):
+        _poison(eng)
+        ref = generate(model, rows, steering=steering, max_new_tokens=8, engine="reference")
+        fast = generate(model, rows, steering=steering, max_new_tokens=8, engine=eng)
+        assert torch.equal(fast.new_tokens, ref.new_tokens)
+        assert fast.timings["graph_steps"] == (7 if graphs else 0)
+
+
 def test_fusion_keeps_hf_model_working():
     model = build_tiny_model("qwen2", seed=17)
     rows = ragged_prompts(17)

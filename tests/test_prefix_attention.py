@@ -158,6 +158,27 @@ def test_rows_that_see_no_key_give_zero():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n_splits", [1, 2])
+def test_slots_no_query_sees_are_never_read(n_splits):
+    """Every slot and bridge entry that no query of a row sees is NaN (what an earlier call that
+    overflowed leaves): the output is that of clean caches, in the kernel and the reference.
+    The bridge_len token slots after the newest token are the ones that leaked before (they
+    are below the newest token's logical index, so they were loaded and weighted 0 * NaN)."""
+    q, kc, vc, kb, vb, P, bl = _case(7, B=3, M=4, Hq=4, Hkv=2, D=16, S=40, kmax=5)
+    bl = torch.tensor([5, 2, 0])
+    n_tok = torch.tensor([30, 12, 7])  # tokens written so far (prompt + response)
+    P = torch.minimum(P, n_tok - 2)
+    q_pos = (n_tok + bl - 4)[:, None] + torch.arange(4)[None]  # the last 4 rows: newest last
+    clean = _run_both(q, kc, vc, kb, vb, P, bl, None, 40, n_splits, q_pos=q_pos)
+    kc, vc, kb, vb = (t.clone() for t in (kc, vc, kb, vb))
+    for b in range(3):
+        kc[b, :, n_tok[b]:] = vc[b, :, n_tok[b]:] = float("nan")
+        kb[b, :, bl[b]:] = vb[b, :, bl[b]:] = float("nan")
+    got, want = _run_both(q, kc, vc, kb, vb, P, bl, None, 40, n_splits, q_pos=q_pos)
+    assert not torch.isnan(got).any() and not torch.isnan(want).any()
+    assert torch.equal(want, clean[1]) and torch.equal(got, clean[0])
+
+
 @pytest.mark.parametrize("config", [(32, 4), (16, 2), (64, 8)])
 def test_tile_configs_equal_reference(config):
     """The benchmark-only tile override (BLOCK_N, num_warps) computes the same attention."""

@@ -84,12 +84,15 @@ def _prefix_attention_kernel(
 
     # Token slots of this split; a slot's logical index is >= the slot, so none beyond the
     # block's largest logical index can be visible.
+    q_max = tl.max(qi, 0)
     lo = split * slots_per_split
-    hi = tl.minimum(tl.minimum(lo + slots_per_split, n_slots), tl.max(qi, 0) + 1)
+    hi = tl.minimum(tl.minimum(lo + slots_per_split, n_slots), q_max + 1)
     for start in range(lo, hi, BLOCK_N):
         slots = start + tl.arange(0, BLOCK_N)
-        valid = slots < hi
         logical = slots + tl.where(slots >= P, kb, 0)
+        # Only slots some query of the block sees are loaded: the kb slots after the newest
+        # token hold what an earlier call left, and a NaN there would leak through p = 0 * NaN.
+        valid = (slots < hi) & (logical <= q_max)
         k = tl.load(KC + c * s_kb + h * s_kh + slots[:, None] * s_ks + offs_d[None, :] * s_kd,
                     mask=valid[:, None], other=0.0)
         v = tl.load(VC + c * s_vb + h * s_vh + slots[:, None] * s_vs + offs_d[None, :] * s_vd,

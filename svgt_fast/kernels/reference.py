@@ -61,6 +61,9 @@ def prefix_attention_ref(
         vals = torch.cat([vals, v_bridge], dim=2)
     qi = q_pos  # [B, M]
     mask = key_logical[:, None, :] <= qi[:, :, None]  # [B, M, N]
+    # A slot that no query of the row sees holds what an earlier call left there: a NaN from a
+    # call that overflowed would leak into every later call through 0 * NaN. Read it as 0.
+    vals = torch.where(mask.any(1)[:, None, :, None], vals, 0)
     Hkv = keys.shape[1]
     keys = keys.repeat_interleave(Hq // Hkv, dim=1).to(compute_dtype)
     vals = vals.repeat_interleave(Hq // Hkv, dim=1).to(compute_dtype)
