@@ -131,9 +131,11 @@ def _interrupt(model, sc: Scenario, eng) -> None:
         from svgt_fast import SVGT
         from svgt_fast.tiny import build_value_module
 
-        blow = SVGT(build_value_module(model, seed=900), refresh_interval=1, gradient_step_size=1e30)
+        # 1e300: finite, so accepted, and enough to overflow every tiny family (1e30 is not, for some)
+        blow = SVGT(build_value_module(model, seed=900), refresh_interval=1, gradient_step_size=1e300)
         generate(model, other.prompts, steering=blow, engine=eng, max_new_tokens=min(3, sc.new_tokens))
-        assert torch.isnan(eng.v_cache).any() or torch.isnan(eng.v_bridge).any(), "the overflowing call left no NaN"
+        left = sum(int((~torch.isfinite(t)).sum()) for t in (eng.v_cache, eng.v_bridge))
+        assert left > 0, "the overflowing call left no NaN or inf in the caches: it tests nothing"
         return
     if sc.interrupt[0] == "refused":
         try:
