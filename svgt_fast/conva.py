@@ -62,12 +62,13 @@ class ConVAVectors:
 
     def __init__(self, config: ConVAConfig, w, b, u, c, source: str = "ConVA vectors"):
         validate.check_tensors({"w": w, "b": b, "u": u, "c": c}, self.expected(config), source, "ConVA config")
-        zero = (w.float().norm(dim=-1) == 0).nonzero().flatten().tolist()
-        if zero:  # v = w / |w| would be NaN
-            raise ValueError(f"{source}: probe rows {zero} of w are zero (no value direction to steer along)")
         self.config = config
         self.w, self.b, self.u, self.c = (t.float() for t in (w, b, u, c))
-        self.v = self.w / self.w.norm(dim=-1, keepdim=True)
+        norm = self.w.norm(dim=-1, keepdim=True)
+        zero = (norm[:, 0] == 0).nonzero().flatten().tolist()
+        if zero:  # v = w / |w| would be NaN
+            raise ValueError(f"{source}: probe rows {zero} of w are zero (no value direction to steer along)")
+        self.v = self.w / norm
         self._host()
 
     @staticmethod

@@ -126,7 +126,6 @@ def _interrupt(model, sc: Scenario, eng) -> None:
     other = random_scenario(sc.interrupt[1])
     n = min(len(other.prompts), len(sc.prompts))
     other.prompts, other.steer = other.prompts[:n], other.steer[:n]
-    steerings = _steerings(model, other)
     if sc.interrupt[0] == "overflow":  # a call whose steering overflows leaves NaN in the caches
         from svgt_fast import SVGT
         from svgt_fast.tiny import build_value_module
@@ -137,6 +136,7 @@ def _interrupt(model, sc: Scenario, eng) -> None:
         left = sum(int((~torch.isfinite(t)).sum()) for t in (eng.v_cache, eng.v_bridge))
         assert left > 0, "the overflowing call left no NaN or inf in the caches: it tests nothing"
         return
+    steerings = _steerings(model, other)
     if sc.interrupt[0] == "refused":
         try:
             generate(model, other.prompts, steering=steerings, engine=eng, max_new_tokens=eng.max_seq_len)
