@@ -378,4 +378,8 @@ def load_artifact(directory, format_name: str, what: str) -> tuple[dict, dict]:
         state = load_file(weights)
     except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"{weights} is not a readable safetensors file: {exc}") from None
-    return config, state
+    # safetensors >= 0.8 hands out pointers into one buffer at the file's offsets, aligned to 4
+    # bytes at best. CPU GEMMs take another path for unaligned operands, so a loaded artifact
+    # computed 1 ulp away from the module that was saved (found with 0.8). Each tensor gets its
+    # own (64-byte aligned) storage: one copy of a small file, once per load.
+    return config, {name: t.clone() for name, t in state.items()}
