@@ -53,4 +53,6 @@ def decode_ms_per_token(model, prompts, steering, engine, new_tokens: int, warmu
         svgt_fast.generate(model, prompts[:, :16], max_new_tokens=8, steering=steering, engine=engine, eos_token_id=[])
     out = svgt_fast.generate(model, prompts, max_new_tokens=new_tokens, steering=steering, engine=engine,
                              eos_token_id=[])
-    return out.timings["decode_s"] * 1e3 / (new_tokens - 1), out
+    # the decode steps that ran (fewer than new_tokens - 1 only if every row stopped at
+    # non-finite logits: out.finish_reasons says so)
+    return out.timings["decode_s"] * 1e3 / max(1, out.timings["steps"] - 1), out

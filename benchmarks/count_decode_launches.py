@@ -18,7 +18,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-NO_KERNEL = ("empty", "empty_like", "new_empty", "empty_strided", "_unsafe_view", "_local_scalar_dense")
+# scalar_tensor: a Python number wrapped as a 0-d CPU tensor (`torch.where(done, 0, tok)`), a kernel
+# argument on a GPU, not a launch.
+NO_KERNEL = ("empty", "empty_like", "new_empty", "empty_strided", "_unsafe_view", "_local_scalar_dense",
+             "scalar_tensor")
 
 
 class _Count(TorchDispatchMode):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 import weakref
 from dataclasses import dataclass, field
 
@@ -14,7 +15,7 @@ from .conva import ConVA
 from .neva import NeVA
 from .plan import SteeringPlan
 from .re_control import REControl
-from .sampling import SamplingParams
+from .sampling import NONFINITE, SamplingParams
 from .steering import SVGT
 from .streaming import GenerationStream, StreamEvent
 
@@ -24,11 +25,14 @@ __all__ = ["GenerationOutput", "GenerationStream", "StreamEvent", "generate"]
 
 @dataclass
 class GenerationOutput:
-    """sequences: [B, P + N] the input ids (as given, padding kept) then the new tokens;
-    new_tokens: [B, N], pad id after a row's EOS; num_new_tokens: [B] tokens each row produced
+    """sequences: [B, P + N] the input ids then the new tokens; a [B, P] tensor keeps its own
+    padding, ragged lists and text are left-padded with the pad id;
+    new_tokens: [B, N], pad id after a row's end; num_new_tokens: [B] tokens each row produced
     (its EOS included); texts: decoded new tokens when a tokenizer was given; trigger_counts: [B]
     how many times each row's value module fired (the prompt's first bridge included; 0 without
-    steering).
+    steering); finish_reasons: [B] why each row ended: "stop" (its EOS), "length"
+    (max_new_tokens), or "nonfinite" (its next-token logits were NaN or inf, as when a steering
+    strength overflows: the row stops there, with a RuntimeWarning, rather than emit garbage).
 
     timings (seconds): total_s (the call), and with the fast engine prefill_s, decode_s,
     refresh_s (the refresh steps' share of decode_s), steps (sampling steps run: the prefill's
@@ -43,6 +47,7 @@ class GenerationOutput:
     texts: list[str] | None = None
     timings: dict = field(default_factory=dict)
     trigger_counts: torch.Tensor | None = None  # [B] times the value module fired per row
+    finish_reasons: list[str] = field(default_factory=list)
 
 
 def _is_text(x) -> bool:
@@ -235,6 +240,8 @@ def generate(
         check_total_length(info, p.shape[0] + extra + max_new_tokens, f"row {i} (prompt {p.shape[0]} tokens)")
     eos = _eos_set(model, eos_token_id, info.vocab_size)
     pad = _pad_id(model, pad_token_id, eos)
+    if not isinstance(input_ids, torch.Tensor):  # the padding of ragged lists and text is ours: pad, as after EOS
+        ids = ids.masked_fill(mask == 0, pad)
 
     t0 = time.perf_counter()
     for g in plan.groups:
@@ -243,7 +250,7 @@ def generate(
         g.steering.value_fn.to(device)
     for g in plan.layer_groups:
         g.steering.vectors.to(device)
-    finish = _Finisher(ids, pad, tokenizer, "reference" if engine == "reference" else "fast")
+    finish = _Finisher(ids, pad, tokenizer, "reference" if engine == "reference" else "fast", eos, max_new_tokens)
     if engine == "reference":
         run = lambda: _reference(model, prompts, plan, max_new_tokens, sampling, seed, eos, pad, device)  # noqa: E731
         if stream:
@@ -260,14 +267,32 @@ def generate(
     return finish(new, counts, timings.pop("trigger_counts", None), timings, elapsed=time.perf_counter() - t0)
 
 
+def finish_reason(tokens: list[int], eos: frozenset[int], max_new_tokens: int) -> str:
+    """Why a row with these new tokens ended (both engines stop a row at its first non-finite
+    logits without a token, so a short row that does not end in EOS stopped there)."""
+    if tokens and tokens[-1] in eos:
+        return "stop"
+    return "length" if len(tokens) >= max_new_tokens else "nonfinite"
+
+
 class _Finisher:
     """Builds the GenerationOutput of a call from its new tokens."""
 
-    def __init__(self, ids, pad: int, tokenizer, engine: str):
+    def __init__(self, ids, pad: int, tokenizer, engine: str, eos: frozenset[int], max_new_tokens: int):
         self.ids, self.pad, self.tokenizer, self.engine = ids, pad, tokenizer, engine
+        self.eos, self.max_new_tokens = eos, max_new_tokens
 
     def __call__(self, new, counts, triggers, timings, elapsed: float | None = None) -> GenerationOutput:
         B = self.ids.shape[0]
+        rows = new.tolist()
+        reasons = [finish_reason(rows[i][: int(counts[i])], self.eos, self.max_new_tokens) for i in range(B)]
+        stopped = [i for i, r in enumerate(reasons) if r == "nonfinite"]
+        if stopped:
+            where = ", ".join(f"row {i} after {int(counts[i])} tokens" for i in stopped[:8])
+            warnings.warn(f"generation stopped early, the next-token logits not finite (NaN or inf): {where}"
+                          f"{' ...' if len(stopped) > 8 else ''}; a steering strength too large "
+                          f"(gradient_step_size, NeVA strength) or non-finite weights do this "
+                          f"(finish_reasons says 'nonfinite')", RuntimeWarning, stacklevel=3)
         texts = None
         if self.tokenizer is not None:
             texts = [self.tokenizer.decode(new[i, : int(counts[i])].tolist(), skip_special_tokens=True)
@@ -282,6 +307,7 @@ class _Finisher:
             texts=texts,
             timings=timings,
             trigger_counts=torch.tensor(triggers if triggers is not None else [0] * B, dtype=torch.long),
+            finish_reasons=reasons,
         )
 
 
@@ -292,8 +318,11 @@ def _fast_steps(steps, finish):
 
 def _reference_steps(run, finish):
     new, counts, triggers, timings = run()
+    ends = counts.tolist()
     for t in range(new.shape[1]):
-        yield t, new[:, t].tolist()
+        # past a row's end its pad reads as "finished" only after an EOS: mark a row that stopped
+        # at non-finite logits with NONFINITE, as the fast engine's stream does
+        yield t, [v if t < n else NONFINITE for v, n in zip(new[:, t].tolist(), ends)]
     return finish(new, counts, triggers, timings)
 
 
@@ -330,7 +359,8 @@ def _reference(model, prompts, plan, max_new_tokens, sampling, seed, eos, pad, d
             else:
                 outs.append(generate_row(model, p, steering=steering, **kw))
                 # policy "always": the prompt, then every refresh_interval-th step that is taken
-                n = len(outs[-1])
+                # (a row stopped at non-finite logits took one step more than it has tokens)
+                n = len(outs[-1]) + (finish_reason(outs[-1], eos, max_new_tokens) == "nonfinite")
                 triggers.append(0 if steering is None else 1 + (n - 1) // steering.refresh_interval)
     if max_new_tokens == 0:
         triggers = [0] * len(prompts)  # nothing generated: no prefill ran in the fast engine either

@@ -240,7 +240,7 @@ def _fmt(v) -> str:
 # ---- the end-to-end benchmark ------------------------------------------------------------------
 TABLE_COLUMNS = ["what", "batch", "rep", "ms_per_token", "ms_p10", "ms_median", "ms_p90", "tokens_per_s",
                  "prefill_ms", "peak_mem_gb", "pct_of_floor", "ratio_vs_unsteered", "engine_speedup",
-                 "engine_svgt_speedup", "refresh_steps", "refresh_ms", "graph_steps"]
+                 "engine_svgt_speedup", "refresh_steps", "refresh_ms", "graph_steps", "nonfinite_rows"]
 
 
 def _sync():
@@ -253,10 +253,12 @@ def _engine_run(model, eng, prompts, n_new: int, steering) -> dict:
 
     out = generate(model, prompts, max_new_tokens=n_new, steering=steering, engine=eng, eos_token_id=[])
     t = out.timings
-    steps = max(1, n_new - 1)
+    # the decode steps that ran: n_new - 1, unless every row stopped early at non-finite logits
+    # (random weights or a strength that overflows), which nonfinite_rows then shows
+    steps = max(1, t["steps"] - 1)
     return {"ms_per_token": t["decode_s"] * 1e3 / steps, "prefill_ms": t["prefill_s"] * 1e3,
             "refresh_steps": t["refresh_steps"], "graph_steps": t.get("graph_steps", 0),
-            "refresh_ms": t["refresh_s"] * 1e3}
+            "refresh_ms": t["refresh_s"] * 1e3, "nonfinite_rows": out.finish_reasons.count("nonfinite")}
 
 
 def _step_ms(model, eng, prompts, n_new: int, steering) -> list[float]:

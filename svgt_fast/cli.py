@@ -210,7 +210,8 @@ def _generate(args) -> int:
             results.append({"prompt": prompts[b0 + i], "text": out.texts[i],
                             "tokens": out.new_tokens[i, : int(out.num_new_tokens[i])].tolist(),
                             "num_new_tokens": int(out.num_new_tokens[i]),
-                            "trigger_count": int(out.trigger_counts[i])})
+                            "trigger_count": int(out.trigger_counts[i]),
+                            "finish_reason": out.finish_reasons[i]})
         timings.append(out.timings)
     total = {k: sum(t.get(k) or 0 for t in timings) for k in ("prefill_s", "decode_s", "refresh_s", "total_s")}
     summary = dict(total, tokens=sum(r["num_new_tokens"] for r in results), load_s=load_s, device=device,

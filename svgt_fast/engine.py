@@ -22,7 +22,7 @@ from .streaming import Clock, TokenFeed, run_to_end
 from .fast_model import (ModelWeights, apply_rope, attention_output_and_mlp,
                          qkv_projection)
 from .kernels.reference import conva_edit_ref, logical_to_storage, prefix_attention_ref, rms_norm_ref, silu_mul_ref
-from .sampling import SamplingParams, sample_next
+from .sampling import NONFINITE, SamplingParams, sample_next
 from .plan import SteeringPlan
 from .refresh import RefreshSteps, Segment, _segment_rows
 
@@ -281,7 +281,9 @@ class Engine(RefreshSteps):
                  forced_tokens: torch.Tensor | None = None, logits_out: list | None = None, stream: bool = False):
         """Generate for unpadded prompts (list of [P_b] tensors). Returns (new_tokens [B, N] with
         pad after EOS, counts [B], timings dict: prefill_s, decode_s, refresh_s (device time on
-        CUDA), steps, refresh_steps, graph_steps, trigger_counts).
+        CUDA), steps, refresh_steps, graph_steps, trigger_counts). A row stops at its EOS
+        (counted) or at its first step whose logits are not finite (sample_next's NONFINITE: not
+        counted, pad from there), so counts[i] < N without an EOS last means the latter.
 
         steering: None, one SVGT for every row, or a list of SVGT-or-None, one per row (rows mix
         modules, K, strengths, intervals, refresh modes and policies; see plan.py).
@@ -301,6 +303,10 @@ class Engine(RefreshSteps):
                                           or forced_tokens.shape[1] < max_new_tokens):
             raise ValueError(f"forced_tokens must be [{len(prompts)}, >= {max_new_tokens}], "
                              f"got {tuple(forced_tokens.shape)}")
+        if forced_tokens is not None and forced_tokens.numel() and (
+                forced_tokens.dtype.is_floating_point or int(forced_tokens.min()) < 0
+                or int(forced_tokens.max()) >= self.w.embed.shape[0]):
+            raise ValueError(f"forced_tokens must hold integer ids in [0, {self.w.embed.shape[0]})")
         advice = (f"lower the batch ({len(prompts)} rows), or the Engine's max_batch ({self.max_batch}), "
                   f"max_seq_len ({self.max_seq_len}) or prefill_tokens ({self.prefill_tokens}); "
                   f"cuda_graphs=False saves the graphs' memory")
@@ -327,6 +333,9 @@ class Engine(RefreshSteps):
             ids[b, : p.shape[0]] = p.to(dev)
         seeds = row_seeds.to(dev)
         eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=dev)
+        # A row stops at its EOS or at its first non-finite logits (sample_next's NONFINITE,
+        # kept in `out` until the end); one isin finds both. Forced tokens never stop a row.
+        stops = torch.cat([eos, eos.new_tensor([NONFINITE])])
         steer = plan.steered
         bridge_len = plan.row_k(dev)
         if steer and self.hidden is None:
@@ -356,7 +365,10 @@ class Engine(RefreshSteps):
             tok = forced_tokens[:, 0]
         out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
         out[:, 0] = tok
-        done = torch.isin(tok, eos)
+        done = torch.isin(tok, stops)
+        # The next step's input. A finished row feeds id 0, not pad_id: pad is only what the output
+        # shows and may lie outside the vocabulary (-100, say); the row's results are dropped.
+        nxt = torch.where(done, 0, tok)
         m1, t0 = clock.mark(), time.perf_counter()
         if stream:
             yield from feed.give(0, tok)
@@ -372,20 +384,23 @@ class Engine(RefreshSteps):
             if due:
                 r0 = clock.mark()
                 before = state[3]
-                tok, logits, state = refresh(tok, t, P, state, seeds, p_max, due)
+                tok, logits, state = refresh(nxt, t, P, state, seeds, p_max, due)
                 bridge_len = state[1]
                 fired += (state[3] - before) * (~done)
                 timings["refresh_steps"] += 1
                 refresh_marks.append((r0, clock.mark()))
             else:
-                tok, logits = step(tok, t, P, bridge_len, seeds, p_max)
+                tok, logits = step(nxt, t, P, bridge_len, seeds, p_max)
             if logits_out is not None:
                 logits_out.append(logits.clone())
             if forced_tokens is not None:
                 tok = forced_tokens[:, t]
-            tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+            # A row's tokens after its stop are written as they come and masked once at the end,
+            # so the step's own bookkeeping is 4 small kernels: the copy, isin, or, and the next
+            # input (NONFINITE is no id).
             out[:, t] = tok
-            done |= torch.isin(tok, eos)
+            done |= torch.isin(tok, stops)
+            nxt = torch.where(done, 0, tok)
             if stream:
                 yield from feed.give(t, tok)  # between graph replays
         if stream:
@@ -400,9 +415,10 @@ class Engine(RefreshSteps):
         timings["graph_steps"] = getattr(step, "replays", 0) + getattr(refresh, "replays", 0) - replays0
         timings["trigger_counts"] = fired.tolist() if steer else [0] * B
 
-        counts = self._counts(out, eos, pad_id)
+        counts = self._counts(out, eos)
         width = int(counts.max())
-        return out[:, :width], counts, timings
+        past = torch.arange(width, device=dev) >= counts.to(dev)[:, None]  # after a row's EOS or stop
+        return out[:, :width].masked_fill(past, pad_id), counts, timings
 
     @torch.no_grad()
     def prefill_logits(self, prompts: list[torch.Tensor], steering=None) -> torch.Tensor:
@@ -528,9 +544,11 @@ class Engine(RefreshSteps):
             tok, t, P, state, seeds, sampling, plan, p_max + t, due)
 
     @staticmethod
-    def _counts(out, eos, pad_id):
-        """Tokens each row produced, its first EOS included."""
-        is_eos = torch.isin(out, eos)
+    def _counts(out, eos):
+        """Tokens each row produced: up to its first EOS (included) or its first NONFINITE
+        (excluded), else all of them."""
         n = out.shape[1]
-        first = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, torch.full_like(out[:, 0], n))
-        return first.cpu()
+        end = torch.isin(out, eos) | (out == NONFINITE)
+        first = end.float().argmax(1)
+        count = torch.where(out.gather(1, first[:, None])[:, 0] == NONFINITE, first, first + 1)
+        return torch.where(end.any(1), count, torch.full_like(count, n)).cpu()

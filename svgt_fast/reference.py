@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .backbone import backbone_parts
-from .sampling import SamplingParams, sample_next
+from .sampling import NONFINITE, SamplingParams, sample_next
 from .steering import SVGT
 
 FORMULATIONS = ("loop", "hook")
@@ -143,6 +143,8 @@ def generate_row(
         if trace is not None:
             trace.append({"logits": logits.float().clone(), "bridge": None if bridge is None else bridge.clone()})
         nxt = int(sample_next(logits[None], sampling, seeds, t)[0])
+        if nxt == NONFINITE:  # the row stops here, without a token
+            break
         new.append(nxt)
         if nxt in eos_ids:
             break
@@ -162,6 +164,8 @@ def generate_row_hooked(model, prompt: torch.Tensor, handles: list, *, max_new_t
         for t in range(max_new_tokens):
             logits = model(input_ids=ids).logits[0, -1]
             nxt = int(sample_next(logits[None], sampling, seeds, t)[0])
+            if nxt == NONFINITE:  # the row stops here, without a token
+                break
             new.append(nxt)
             if nxt in eos_ids:
                 break

@@ -17,7 +17,7 @@ import sys
 import torch
 
 from .backbone import backbone_parts
-from .sampling import SamplingParams, sample_next
+from .sampling import NONFINITE, SamplingParams, sample_next
 from .steering import SVGT, ema, trigger_drift
 
 
@@ -151,6 +151,8 @@ def generate_row_cached(model, prompt: torch.Tensor, *, steering: SVGT, max_new_
         if trace is not None:
             trace.append(logits.float().clone())
         nxt = int(sample_next(logits[None], sampling, seeds, t)[0])
+        if nxt == NONFINITE:  # the row stops here, without a token
+            break
         new.append(nxt)
         if nxt in eos_ids:
             break

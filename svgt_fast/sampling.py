@@ -11,6 +11,11 @@ baked into the captured kernels, so the graphs read `DeviceSampling` instead: te
 top_p in 0-d device tensors that each call refills, with only what changes the captured code
 (greedy or not, top_k, whether top_p filters) left in the graph key (`SamplingParams.graph_key`).
 Both give bit-identical tokens.
+
+A row whose next-token distribution is undefined — a NaN or +inf logit, or every logit -inf, as
+when a steering strength overflows — gets the id `NONFINITE` (-1) instead of a token: the
+engines stop that row there (finish reason "nonfinite") rather than emit id 0 for the rest of
+the call. The check reads the one chosen score per row, so it adds no pass over the vocabulary.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from . import validate
 # The smallest temperature sampled: 1 / 1e-6 keeps logits up to ~1e32 finite in float32 (at 1e-300
 # the division gave inf, softmax NaN and every token id 0). Temperature 0 is greedy.
 MIN_TEMPERATURE = 1e-6
+NONFINITE = -1  # what sample_next returns for a row whose logits are not finite
 _MASK32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
 
@@ -139,9 +145,15 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams | DeviceSampling)
 def sample_next(
     logits: torch.Tensor, params: SamplingParams | DeviceSampling, row_seeds: torch.Tensor, step: torch.Tensor | int
 ) -> torch.Tensor:
-    """Next token ids [B] (int64) from logits [B, V]."""
+    """Next token ids [B] (int64) from logits [B, V]; NONFINITE for a row whose distribution is
+    undefined. max treats NaN as the largest value, so the chosen score is NaN or +inf whenever
+    any logit is (softmax turns NaN or +inf into NaN everywhere), and -inf when every logit is
+    -inf: checking that one score per row finds every such row."""
     if params.greedy:
-        return torch.argmax(logits, dim=-1)
-    probs = torch.softmax(filter_logits(logits, params), dim=-1)
-    race = probs / -torch.log(uniform_noise(row_seeds, step, logits.shape[-1]))
-    return torch.argmax(race, dim=-1)
+        score = logits
+    else:
+        probs = torch.softmax(filter_logits(logits, params), dim=-1)
+        score = probs / -torch.log(uniform_noise(row_seeds, step, logits.shape[-1]))
+    best, pick = score.max(dim=-1)  # one kernel gives the score and the index (first of ties, as argmax)
+    # x - x is 0 for a finite x and NaN for NaN or +-inf: two kernels per step (isfinite is four)
+    return torch.where(best - best == 0, pick, NONFINITE)

@@ -68,7 +68,7 @@ class TokenFeed:
         for s in steps:
             toks = self.host[s].tolist()
             for i, v in enumerate(toks):
-                if self.alive[i] and v in self.eos:
+                if self.alive[i] and (v in self.eos or v < 0):  # EOS, or NONFINITE: the row stopped
                     self.alive[i] = False
             paused = time.perf_counter()
             yield s, toks
@@ -112,7 +112,8 @@ class StreamEvent:
     step: index of the new token (0 = the first new token); on the final event, the number of
         steps that ran.
     tokens: [B] row i's token at this step, None when row i had finished before it (its EOS is
-        the last token it reports). Empty on the final event.
+        the last token it reports) or stops at it (its logits were not finite: finish reason
+        "nonfinite"). Empty on the final event.
     texts: [B] decoded text each row adds at this step ("" while a multi-byte character is
         incomplete), None without a tokenizer. On the final event: what was still held back.
     output: the GenerationOutput, on the final event only.
@@ -202,6 +203,8 @@ class GenerationStream:
         self._n = step + 1
         out = []
         for i, v in enumerate(toks):
+            if self._alive[i] and v < 0:  # NONFINITE: the row stopped without a token
+                self._alive[i] = False
             if self._alive[i]:
                 out.append(v)
                 if v in self._eos:

@@ -10,6 +10,7 @@ runs N of them and prints each failure (for hunting bugs, not a benchmark); with
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -132,9 +133,16 @@ def _interrupt(model, sc: Scenario, eng) -> None:
 
         # 1e300: finite, so accepted, and enough to overflow every tiny family (1e30 is not, for some)
         blow = SVGT(build_value_module(model, seed=900), refresh_interval=1, gradient_step_size=1e300)
-        generate(model, other.prompts, steering=blow, engine=eng, max_new_tokens=min(3, sc.new_tokens))
-        left = sum(int((~torch.isfinite(t)).sum()) for t in (eng.v_cache, eng.v_bridge))
+        kw = dict(steering=blow, max_new_tokens=min(3, sc.new_tokens), eos_token_id=[])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # "stopped early, logits not finite": expected
+            got = generate(model, other.prompts, engine=eng, **kw)
+            left = sum(int((~torch.isfinite(t)).sum()) for t in (eng.v_cache, eng.v_bridge))
+            want = generate(model, other.prompts, engine="reference", **kw)
         assert left > 0, "the overflowing call left no NaN or inf in the caches: it tests nothing"
+        # the overflowing call itself: its rows stop where the reference's do
+        assert got.finish_reasons == want.finish_reasons, (got.finish_reasons, want.finish_reasons)
+        assert torch.equal(got.new_tokens, want.new_tokens)
         return
     steerings = _steerings(model, other)
     if sc.interrupt[0] == "refused":
@@ -189,6 +197,9 @@ def check_scenario(models: dict, sc: Scenario, engines: dict | None = None) -> l
                 first = next((t for t, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
                 problems.append(f"call {call} row {i} ({sc.steer[i]}): tokens differ from step {first}: "
                                 f"reference {a} vs fast {b}")
+            if ref.finish_reasons[i] != out.finish_reasons[i]:
+                problems.append(f"call {call} row {i} ({sc.steer[i]}): finish reason {out.finish_reasons[i]!r} "
+                                f"vs reference {ref.finish_reasons[i]!r}")
             if int(ref.trigger_counts[i]) != int(out.trigger_counts[i]):
                 problems.append(f"call {call} row {i} ({sc.steer[i]}): trigger count {int(out.trigger_counts[i])} "
                                 f"vs reference {int(ref.trigger_counts[i])}")

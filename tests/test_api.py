@@ -83,3 +83,16 @@ def test_sliding_window_beyond_window_is_refused(tmp_path):
     generate(model, torch.ones((1, 8), dtype=torch.long), max_new_tokens=8)
     with pytest.raises(ValueError, match="sliding window of 16"):
         generate(model, torch.ones((1, 8), dtype=torch.long), max_new_tokens=9)
+
+
+def test_ragged_and_text_prompts_are_left_padded_with_the_pad_id(tiny_models):
+    """sequences of ragged lists: the padding generate added is the pad id (it was 0, a real
+    token id); a [B, P] tensor keeps the padding it came with."""
+    model = tiny_models["llama"]
+    out = generate(model, [[5, 6, 7], [8]], max_new_tokens=2, pad_token_id=-100, eos_token_id=[])
+    assert out.sequences[:, :3].tolist() == [[5, 6, 7], [-100, -100, 8]]
+    assert torch.equal(out.sequences[:, 3:], out.new_tokens)
+    ids = torch.tensor([[5, 6, 7], [0, 0, 8]])
+    given = generate(model, ids, attention_mask=torch.tensor([[1, 1, 1], [0, 0, 1]]), max_new_tokens=2,
+                     pad_token_id=-100, eos_token_id=[])
+    assert torch.equal(given.sequences[:, :3], ids) and torch.equal(given.new_tokens, out.new_tokens)

@@ -98,6 +98,7 @@ def test_generate_svgt_json_equals_the_api(files, capsys):
     assert [o["tokens"] for o in res["outputs"]] == [want.new_tokens[i, : int(want.num_new_tokens[i])].tolist()
                                                      for i in range(2)]
     assert [o["trigger_count"] for o in res["outputs"]] == want.trigger_counts.tolist()
+    assert [o["finish_reason"] for o in res["outputs"]] == want.finish_reasons
     assert {"prefill_s", "decode_s", "refresh_s", "total_s", "tokens"} <= set(res["timings"])
 
 

@@ -88,7 +88,9 @@ def test_nan_left_by_an_earlier_call_never_leaks(tiny_models, attention, graphs)
     eng.graph_emulation = graphs
     rows = ragged_prompts(19, lengths=(7, 2, 4))
     overflow = SVGT(module, refresh_interval=2, gradient_step_size=1e30)
-    assert (generate(model, rows, steering=overflow, max_new_tokens=4, engine=eng).new_tokens == 0).any()
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        blown = generate(model, rows, steering=overflow, max_new_tokens=4, engine=eng)
+    assert "nonfinite" in blown.finish_reasons  # the rows whose logits overflowed stopped there
     assert torch.isnan(eng.v_cache).any()  # the overflowing call did leave NaN behind
     for steering in (SVGT(module, refresh_interval=2),
                      [SVGT(module, refresh_interval=3, refresh="window=2"), None,
@@ -99,6 +101,45 @@ def test_nan_left_by_an_earlier_call_never_leaks(tiny_models, attention, graphs)
         fast = generate(model, rows, steering=steering, max_new_tokens=8, engine=eng)
         assert torch.equal(fast.new_tokens, ref.new_tokens)
         assert fast.timings["graph_steps"] == (7 if graphs else 0)
+
+
+@pytest.mark.parametrize("attention,graphs", [("torch", False), ("torch", True),
+                                               pytest.param("triton", False, marks=pytest.mark.interpreter)])
+def test_rows_whose_logits_overflow_stop_as_the_reference_does(attention, graphs):
+    """A row whose logits turn NaN or inf stops at that step (finish reason "nonfinite", a
+    RuntimeWarning) instead of emitting id 0 for the rest of the call; its tokens before, the
+    rows beside it, the counts and the trigger counts equal the reference, streamed or not."""
+    model = build_tiny_model("qwen3", seed=19)  # head_dim 16: a valid Triton tile
+    module = build_value_module(model, seed=19)
+    eng = Engine(model, max_batch=4, max_seq_len=32, attention=attention)
+    eng.graph_emulation = graphs
+    rows = ragged_prompts(21, lengths=(7, 2, 4, 5))
+    blow = dict(gradient_step_size=1e30)  # finite, so accepted; some rows overflow after a few steps
+    steering = [SVGT(module, refresh_interval=2, **blow), None,
+                SVGT(module, refresh_interval=3, refresh="window=2", **blow),
+                SVGT(module, refresh_interval=2, policy="sparse", score_threshold=-1e9, **blow)]
+    interpreted = attention == "triton"  # the interpreter is slow: one sampled call, not streamed
+    for temperature in (0.8,) if interpreted else (0.0, 0.8):
+        kw = dict(steering=steering, max_new_tokens=8, temperature=temperature, seed=5, eos_token_id=[],
+                  pad_token_id=3)
+        with pytest.warns(RuntimeWarning, match="not finite"):
+            ref = generate(model, rows, engine="reference", **kw)
+        with pytest.warns(RuntimeWarning, match="not finite"):
+            fast = generate(model, rows, engine=eng, **kw)
+        assert fast.finish_reasons == ref.finish_reasons and ref.finish_reasons[1] == "length"
+        assert "nonfinite" in ref.finish_reasons
+        assert torch.equal(fast.new_tokens, ref.new_tokens) and torch.equal(fast.num_new_tokens, ref.num_new_tokens)
+        assert torch.equal(fast.trigger_counts, ref.trigger_counts)
+        for i, why in enumerate(ref.finish_reasons):  # nothing after a stop but pad
+            n = int(ref.num_new_tokens[i])
+            assert (n < 8) == (why == "nonfinite") and bool((fast.new_tokens[i, n:] == 3).all())
+        for engine in () if interpreted else ("reference", eng):
+            with pytest.warns(RuntimeWarning, match="not finite"):
+                events = list(generate(model, rows, engine=engine, stream=True, **kw))
+            for i in range(len(rows)):
+                got = [e.tokens[i] for e in events[:-1] if e.tokens[i] is not None]
+                assert got == ref.new_tokens[i, : int(ref.num_new_tokens[i])].tolist()
+            assert events[-1].output.finish_reasons == ref.finish_reasons
 
 
 def test_fusion_keeps_hf_model_working():

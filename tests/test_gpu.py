@@ -198,3 +198,31 @@ def test_streaming_through_graphs_equals_non_streamed():
     assert len(events) - 1 == plain.new_tokens.shape[1] and events[-1].final
     assert torch.equal(events[-1].output.new_tokens.cpu(), plain.new_tokens.cpu())
     assert events[-1].output.timings["graph_steps"] > 0
+
+
+def test_nonfinite_rows_stop_on_cuda_as_on_the_cpu():
+    """CUDA's argmax must treat NaN as the largest value, as the CPU's does: sample_next then
+    finds every undefined row (bf16 and fp32, greedy and sampled), and a graphed engine whose
+    steering overflows stops the same rows at the same steps as the reference."""
+    from svgt_fast.sampling import NONFINITE, SamplingParams, sample_next
+
+    logits = torch.randn(4, 1000)
+    logits[0, 777], logits[1, 3], logits[2] = float("nan"), float("inf"), float("-inf")
+    seeds = torch.arange(4)
+    for params in (SamplingParams(), SamplingParams(temperature=0.8, top_p=0.9)):
+        for dtype in (torch.float32, torch.bfloat16):
+            cpu = sample_next(logits.to(dtype), params, seeds, 2)
+            gpu = sample_next(logits.to(dtype).cuda(), params, seeds.cuda(), 2).cpu()
+            assert cpu[:3].tolist() == [NONFINITE] * 3 and torch.equal(gpu, cpu)
+    model = build_tiny_model("qwen3", seed=19).cuda()
+    module = build_value_module(model, seed=19)
+    rows = ragged_prompts(21, lengths=(7, 2, 4, 5))
+    steering = [SVGT(module, refresh_interval=2, gradient_step_size=1e30), None,
+                SVGT(module, refresh_interval=3, refresh="window=2", gradient_step_size=1e30)] + [None]
+    kw = dict(steering=steering, max_new_tokens=8, eos_token_id=[])
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        ref = generate(model, rows, engine="reference", **kw)
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        fast = generate(model, rows, engine=Engine(model, max_batch=4, max_seq_len=32), **kw)
+    assert fast.finish_reasons == ref.finish_reasons and torch.equal(fast.new_tokens, ref.new_tokens)
+    assert fast.timings["graph_steps"] > 0

@@ -102,6 +102,9 @@ def test_engine_request_checks(llama):
         (dict(prompts=[torch.tensor([1, 2])], row_seeds=torch.arange(2)), ValueError, "row_seeds"),
         (dict(prompts=[torch.tensor([1, 2])], forced_tokens=torch.zeros(1, 2, dtype=torch.long)), ValueError,
          "forced_tokens"),
+        # a negative forced id wrapped around the embedding; a float one indexed nothing
+        *[(dict(prompts=[torch.tensor([1, 2])], forced_tokens=f), ValueError, r"integer ids in \[0, 257\)")
+          for f in (torch.tensor([[1, -1, 2, 3]]), torch.tensor([[1, 257, 2, 3]]), torch.zeros(1, 4))],
     ]
     for over, exc, msg in bad:
         args = dict(kw, max_new_tokens=4)
@@ -540,3 +543,40 @@ def test_neva_artifact_for_another_family_is_refused(llama, tmp_path):
         neurons.check_backbone(llama)
     with pytest.raises(ValueError, match="model_type 'qwen2'"):
         generate(llama, [[1, 2]], max_new_tokens=2, steering=NeVA(neurons))
+
+
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+def test_backbone_with_nan_weights_stops_every_row_with_a_warning(engine):
+    """A backbone whose weights hold NaN (a diverged checkpoint: its file is the user's, not
+    checked at load) gives NaN logits. Every row stops at its first step, finish reason
+    "nonfinite", 0 tokens, with a RuntimeWarning; before, every token came out as id 0."""
+    model = build_tiny_model("llama", seed=31)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match=r"row 0 after 0 tokens, row 1 after 0 tokens"):
+        out = generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=6, engine=engine, pad_token_id=7)
+    assert out.finish_reasons == ["nonfinite", "nonfinite"]
+    assert out.num_new_tokens.tolist() == [0, 0] and out.new_tokens.shape == (2, 0)
+
+
+@pytest.mark.parametrize("pad", [-100, 10**6])
+def test_pad_id_outside_the_vocabulary_is_only_an_output_value(llama, pad):
+    """pad_token_id fills a row's output after its EOS; it is never fed to the model, so a
+    sentinel outside the vocabulary (-100, or past it) works on both engines, graphs included.
+    Before, the fast engine fed pad to the embedding for finished rows: IndexError for 10**6
+    (a device-side assert on a GPU) and the embedding's last row for -100 (index wrap-around)."""
+    rows = ragged_prompts(23, lengths=(5, 2, 3))
+    free = generate(llama, rows, max_new_tokens=6, eos_token_id=[])
+    eos = int(free.new_tokens[0, 1])  # row 0 stops at its second token
+    kw = dict(max_new_tokens=6, eos_token_id=[eos], pad_token_id=pad)
+    ref = generate(llama, rows, engine="reference", **kw)
+    eng = Engine(llama, max_batch=3, max_seq_len=16)
+    for graphs in (False, True):
+        eng.graph_emulation = graphs
+        fast = generate(llama, rows, engine=eng, **kw)
+        assert torch.equal(fast.new_tokens, ref.new_tokens) and torch.equal(fast.sequences, ref.sequences)
+    n = int(ref.num_new_tokens[0])
+    assert n == 2 and ref.finish_reasons[0] == "stop" and ref.new_tokens[0, n:].tolist() == [pad] * 4
+    for i in range(3):  # the rows that did not stop are the unstopped call's, whatever the pad
+        n = int(ref.num_new_tokens[i])
+        assert torch.equal(ref.new_tokens[i, :n], free.new_tokens[i, :n])

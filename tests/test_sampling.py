@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from svgt_fast.sampling import SamplingParams, filter_logits, sample_next, uniform_noise
+from svgt_fast.sampling import NONFINITE, SamplingParams, filter_logits, sample_next, uniform_noise
 
 
 def test_noise_is_uniform_open_interval_and_deterministic():
@@ -86,3 +86,39 @@ def test_smallest_temperature_is_greedy_and_finite():
         assert torch.equal(cold, greedy), engine
     logits = torch.tensor([[1e4, -1e4, 0.0]])
     assert int(sample_next(logits, SamplingParams(temperature=MIN_TEMPERATURE), torch.arange(1), 0)) == 0
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.7),
+                                    SamplingParams(temperature=1.3, top_k=3), SamplingParams(temperature=0.9, top_p=0.5)],
+                         ids=["greedy", "temperature", "top_k", "top_p"])
+def test_undefined_distributions_give_nonfinite(params):
+    """A row with a NaN or +inf logit, or only -inf logits, has no next-token distribution: it
+    gets NONFINITE, never a token (before, argmax over NaN gave id 0). A -inf logit among finite
+    ones only removes that token. Rows beside them keep their tokens."""
+    inf, nan = float("inf"), float("nan")
+    torch.manual_seed(0)
+    good = torch.randn(2, 9)
+    bad = torch.randn(4, 9)
+    bad[0, 4] = nan
+    bad[1, 0] = inf
+    bad[2] = -inf
+    bad[3, :] = nan
+    masked = good.clone()
+    masked[:, 2] = -inf  # still a distribution
+    logits = torch.cat([good, bad, masked])
+    seeds = torch.arange(logits.shape[0])
+    tok = sample_next(logits, params, seeds, 5)
+    assert tok[2:6].tolist() == [NONFINITE] * 4
+    assert torch.equal(tok[:2], sample_next(good, params, seeds[:2], 5)) and bool((tok[:2] >= 0).all())
+    assert bool((tok[6:] >= 0).all()) and not bool((tok[6:] == 2).any())
+    # only the rows themselves count: each bad row alone gives NONFINITE too
+    for i in range(2, 6):
+        assert int(sample_next(logits[i:i + 1], params, seeds[i:i + 1], 5)[0]) == NONFINITE
+
+
+def test_temperature_overflow_is_nonfinite_not_a_token():
+    """Finite logits that the temperature pushes past float32 (1e35 / 1e-6) make softmax NaN: the
+    row stops rather than sample id 0."""
+    logits = torch.tensor([[1e35, 0.0, -1e35], [1.0, 2.0, 0.5]])
+    tok = sample_next(logits, SamplingParams(temperature=1e-6), torch.tensor([1, 2]), 0)
+    assert tok.tolist() == [NONFINITE, 1]
