@@ -31,6 +31,11 @@ class BackboneInfo:
     vocab_size: int
     max_positions: int
     sliding_window: int | None
+    rope_type: str = "default"
+    # Sequences up to this many positions keep the model's RoPE frequencies fixed; past it
+    # Hugging Face recomputes them from the sequence length (rope_type "dynamic", "longrope").
+    # None: fixed at every length (default, linear, yarn, llama3, ...).
+    rope_fixed_positions: int | None = None
 
     def check_extract_layer(self, extract_layer: int) -> None:
         if not 0 <= extract_layer < self.num_layers - 1:
@@ -90,6 +95,7 @@ def backbone_info(model: nn.Module) -> BackboneInfo:
     layer_types = getattr(cfg, "layer_types", None)
     if window is not None and layer_types is not None and "sliding_attention" not in layer_types:
         window = None
+    rope_type, rope_fixed = _rope_regime(model, cfg)
     return BackboneInfo(
         model_type=model_type,
         hidden_size=int(cfg.hidden_size),
@@ -97,7 +103,31 @@ def backbone_info(model: nn.Module) -> BackboneInfo:
         vocab_size=int(cfg.vocab_size),
         max_positions=int(getattr(cfg, "max_position_embeddings", 1 << 30)),
         sliding_window=int(window) if window is not None else None,
+        rope_type=rope_type,
+        rope_fixed_positions=rope_fixed,
     )
+
+
+def _rope_regime(model: nn.Module, cfg) -> tuple[str, int | None]:
+    """The rotary module's rope_type, and how long a sequence may be before HF changes its
+    frequencies: its forward (transformers' `dynamic_rope_update`) grows a "dynamic" rope's
+    base once max(position_ids) + 1 exceeds `original_max_seq_len`, and switches "longrope" to
+    its long factors once it exceeds `original_max_position_embeddings` — for every position at
+    once, so keys already in a cache would have to be rotated again."""
+    inner, _, _ = backbone_parts(model)
+    rotary = getattr(inner, "rotary_emb", None)
+    rope_type = getattr(rotary, "rope_type", "default")
+    if not isinstance(rope_type, str):
+        raise ValueError(f"per-layer RoPE types ({rope_type!r}) are not supported")
+    if "dynamic" in rope_type:
+        return rope_type, int(getattr(rotary, "original_max_seq_len", cfg.max_position_embeddings))
+    if rope_type == "longrope":
+        params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+        limit = params.get("original_max_position_embeddings", getattr(cfg, "original_max_position_embeddings", None))
+        if limit is None:
+            raise ValueError("rope_type 'longrope' without original_max_position_embeddings in the config")
+        return rope_type, int(limit)
+    return rope_type, None
 
 
 def check_total_length(info: BackboneInfo, total: int, what: str) -> None:
@@ -111,6 +141,13 @@ def check_total_length(info: BackboneInfo, total: int, what: str) -> None:
         raise ValueError(
             f"{what} needs {total} positions, beyond the model's sliding window of "
             f"{info.sliding_window}; sliding-window attention is not supported, shorten the request"
+        )
+    if info.rope_fixed_positions is not None and total > info.rope_fixed_positions:
+        raise ValueError(
+            f"{what} needs {total} positions, beyond the {info.rope_fixed_positions} up to which this model's "
+            f"RoPE (rope_type {info.rope_type!r}) keeps its frequencies; past that Hugging Face recomputes "
+            f"them from the sequence length for every position at once, which no KV cache reproduces "
+            f"(HF's own cached generate does not either); shorten the request"
         )
 
 

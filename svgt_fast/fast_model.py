@@ -2,7 +2,8 @@
 
 Llama, Mistral, Qwen2/2.5 and Qwen3: RMSNorm, RoPE (cos/sin tables taken from the model's own
 rotary module, so every scaling variant the model supports — llama3, linear, dynamic, yarn — is
-reproduced exactly), GQA, SwiGLU, q/k RMSNorm (Qwen3) and q/k/v bias (Qwen2). The q/k/v and
+reproduced exactly; "dynamic" and "longrope", whose frequencies HF recomputes from the sequence
+length, within the lengths that keep them fixed — longer requests are refused), GQA, SwiGLU, q/k RMSNorm (Qwen3) and q/k/v bias (Qwen2). The q/k/v and
 gate/up weights are fused once; the HF modules' parameters become views of the fused tensors,
 so no weight is held twice and the HF model stays usable as the correctness oracle.
 """
@@ -67,6 +68,7 @@ class ModelWeights:
     hidden_size: int
     scale: float
     rotary: torch.nn.Module
+    rope_fixed_positions: int | None  # BackboneInfo.rope_fixed_positions
 
     @classmethod
     def from_hf(cls, model) -> "ModelWeights":
@@ -99,13 +101,25 @@ class ModelWeights:
             lm_head_bias=getattr(lm_head, "bias", None),
             n_heads=int(cfg.num_attention_heads), n_kv_heads=int(getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)),
             head_dim=head_dim, hidden_size=info.hidden_size, scale=float(att0.scaling), rotary=inner.rotary_emb,
+            rope_fixed_positions=info.rope_fixed_positions,
         )
 
     def rope_tables(self, n_positions: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [n_positions, D] from the model's own rotary module (in the model dtype, as HF)."""
-        pos = torch.arange(n_positions, device=device)[None]
+        """cos, sin [n_positions, D] from the model's own rotary module (in the model dtype, as HF).
+
+        A rope whose frequencies depend on the sequence length is asked only for the positions
+        that keep them fixed (a longer ask would switch every position to the long-sequence
+        frequencies and leave the HF module in that state); the rows past them stay zero, as no
+        admitted request reaches them (backbone.check_total_length)."""
         dummy = torch.empty((1, 1, self.head_dim), device=device, dtype=dtype)
-        cos, sin = self.rotary(dummy, position_ids=pos)
+        n = n_positions
+        if self.rope_fixed_positions is not None:
+            self.rotary(dummy, position_ids=torch.zeros(1, 1, dtype=torch.long, device=device))  # HF's own reset to the fixed frequencies
+            n = min(n_positions, self.rope_fixed_positions)
+        cos, sin = self.rotary(dummy, position_ids=torch.arange(n, device=device)[None])
+        if n < n_positions:
+            pad = (0, 0, 0, n_positions - n)
+            return F.pad(cos[0], pad).contiguous(), F.pad(sin[0], pad).contiguous()
         return cos[0].contiguous(), sin[0].contiguous()
 
 
