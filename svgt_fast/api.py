@@ -387,14 +387,16 @@ def _model_lock(model) -> threading.Lock:
 
 
 def _cached_engine(model, batch: int, seq_len: int, plan):
-    """One Engine per model, grown (never shrunk) to the largest request seen. A call still
-    running on a replaced engine keeps it alive until it ends."""
+    """One Engine per model, grown (never shrunk) to the largest request seen, and built anew
+    when the model's parameters were replaced, moved or cast. A call still running on a
+    replaced engine keeps it alive until it ends."""
     from .engine import Engine
 
     with _REGISTRY_LOCK:
         eng = _ENGINES.get(model)
         k = max(plan.kmax, 1)
-        if eng is None or eng.max_batch < batch or eng.max_seq_len < seq_len or eng.kmax < k:
+        if (eng is None or eng.max_batch < batch or eng.max_seq_len < seq_len or eng.kmax < k
+                or eng.w.replaced() is not None):  # weights replaced, model moved or cast: read them anew
             b = max(batch, eng.max_batch if eng else 1)
             s = max(seq_len, eng.max_seq_len if eng else 2)
             eng = None  # free the old caches first

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.modules import module as mmod  # the global hook registries
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -154,3 +155,86 @@ def check_total_length(info: BackboneInfo, total: int, what: str) -> None:
 def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     p = next(model.parameters())
     return p.device, p.dtype
+
+
+# The projections the fast engine reads as plain weight matrices (fast_model.ModelWeights).
+_READ_LINEARS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
+
+
+# Hooks that change nothing the fast engine computes: svgt_fast's own (the reference engine's and
+# the fits', live only while those run, maybe in another thread), and transformers' output
+# recorders, which any output_hidden_states=True call installs for good and which only record
+# while HF collects outputs.
+_KNOWN_HOOK_MODULES = ("svgt_fast.", "transformers.utils.output_capturing")
+
+
+def _foreign_hooks(hook_dicts) -> list:
+    return [h for d in hook_dicts for h in d.values()
+            if not str(getattr(h, "__module__", "")).startswith(_KNOWN_HOOK_MODULES)]
+
+
+def _describe(hook) -> str:
+    return getattr(hook, "__qualname__", None) or type(hook).__qualname__
+
+
+def fast_path_problems(model: nn.Module) -> list[str]:
+    """What the fast engine would silently leave out of this model. It runs its own forward on
+    the backbone's weights, never the modules' forwards, so it must refuse: a projection that is
+    not a plain nn.Linear (a LoRA adapter injected and not merged, a quantized linear), a
+    parameter that is not a plain floating tensor (quantized weights), any forward hook, and
+    training mode where it adds attention dropout.
+    One pass over the modules (under 1 ms at the Llama-3-8B shape on a 2-core CPU), so every call
+    checks: PEFT injects adapters into the model in place, after an engine may exist."""
+    global_hooks = mmod._global_forward_pre_hooks, mmod._global_forward_hooks
+    problems = [f"a global forward hook ({_describe(h)}) is registered" for h in _foreign_hooks(global_hooks)]
+    _, layers, _ = backbone_parts(model)
+    dropout = max(float(getattr(model.config, "attention_dropout", 0.0) or 0.0),
+                  float(getattr(getattr(layers[0], "self_attn", None), "attention_dropout", 0.0) or 0.0))
+    if model.training and dropout > 0:  # HF applies it in training mode; the engine computes eval mode
+        problems.append(f"the model is in training mode with attention_dropout={dropout:g} (call model.eval())")
+    bad = []
+    for mod in model.modules():
+        if (mod._forward_hooks or mod._forward_pre_hooks) and _foreign_hooks((mod._forward_pre_hooks, mod._forward_hooks)):
+            bad.append(mod)
+        else:
+            for p in mod._parameters.values():
+                if p is not None and (type(p) is not nn.Parameter or not p.is_floating_point()):
+                    bad.append(mod)
+                    break
+    for layer in layers:
+        for block_name, names in _READ_LINEARS:
+            block = getattr(layer, block_name, None)
+            for name in names:
+                sub = getattr(block, name, None)
+                if type(sub) is not nn.Linear:
+                    bad.append((layer, f"{block_name}.{name}", sub))
+    if not bad and not problems:
+        return problems
+    names = {id(m): n or type(model).__name__ for n, m in model.named_modules()}  # only on failure: slower
+    for item in bad:
+        if isinstance(item, tuple):
+            layer, name, sub = item
+            what = "is missing" if sub is None else f"is a {type(sub).__module__}.{type(sub).__qualname__}, not torch.nn.Linear"
+            problems.append(f"{names[id(layer)]}.{name} {what}")
+            continue
+        hooks = _foreign_hooks((item._forward_pre_hooks, item._forward_hooks))
+        if hooks:
+            problems.append(f"{names[id(item)]} has a forward hook ({_describe(hooks[0])})")
+        else:
+            pname, p = next((n, p) for n, p in item._parameters.items() if p is not None
+                            and (type(p) is not nn.Parameter or not p.is_floating_point()))
+            problems.append(f"{names[id(item)]}.{pname} is a {type(p).__qualname__} of dtype {p.dtype}, not a plain "
+                            f"floating parameter")
+    return problems
+
+
+def check_fast_path(model: nn.Module) -> None:
+    """Refuse a model whose forward differs from what the fast engine computes (fast_path_problems)."""
+    problems = fast_path_problems(model)
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise ValueError(
+            f"the fast engine runs its own forward on the backbone's weights and would silently skip what "
+            f"these change: {shown}. Merge adapters into the weights (PEFT: merge_and_unload()), load "
+            f"unquantized weights, remove the hooks, call model.eval() — or pass engine='reference', which runs the modules' "
+            f"own forwards (far slower)")

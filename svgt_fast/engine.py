@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import validate
-from .backbone import backbone_info
+from .backbone import backbone_info, check_fast_path
 from .guard import CallGuard, out_of_memory
 from .streaming import Clock, TokenFeed, run_to_end
 from .fast_model import (ModelWeights, apply_rope, attention_output_and_mlp,
@@ -55,6 +55,7 @@ class Engine(RefreshSteps):
         from .cuda_graphs import GraphCache
 
         self.info = backbone_info(model)
+        check_fast_path(model)  # before the fusion re-points any weight
         device, mdtype = validate.model_device(model)
         max_seq_len, attention = validate.check_engine_args(
             self.info, device, mdtype, max_batch=max_batch, max_seq_len=max_seq_len, dtype=dtype,
@@ -256,6 +257,12 @@ class Engine(RefreshSteps):
     # ------------------------------------------------------------------------------------------
     def check_request(self, prompts: list[torch.Tensor], max_new_tokens: int, plan: SteeringPlan) -> None:
         """Refuse what this engine cannot run, naming the limit (before any work starts)."""
+        check_fast_path(self.model)  # adapters, quantization or hooks added since the engine was built
+        changed = self.w.replaced()
+        if changed is not None:
+            raise ValueError(f"the model's {changed} was replaced since this Engine was built (a parameter "
+                             f"assigned, .data set, or model.to(...)): the engine read the weights once "
+                             f"and would go on computing with the old ones; build a new Engine")
         validate.check_prompts(prompts, self.device, self.info.vocab_size)
         validate.need_int("max_new_tokens", max_new_tokens, 0)
         if len(prompts) > self.max_batch:

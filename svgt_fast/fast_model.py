@@ -9,7 +9,7 @@ so no weight is held twice and the HF model stays usable as the correctness orac
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -34,11 +34,34 @@ class LayerWeights:
     b_down: torch.Tensor | None
 
 
+def _already_fused(tensors) -> torch.Tensor | None:
+    """The tensor whose consecutive row blocks these are, if an earlier fusion made them so
+    (a second Engine on the same model): it is used as it is, so the engines share the weights
+    and the first one keeps reading the ones the model holds."""
+    t0 = tensors[0]
+    if t0 is None or t0.dim() not in (1, 2) or not t0.is_contiguous():
+        return None
+    row_len = t0.shape[1] if t0.dim() == 2 else 1
+    offset, rows = t0.storage_offset(), 0
+    for t in tensors:
+        if (t is None or t.dtype != t0.dtype or t.shape[1:] != t0.shape[1:] or not t.is_contiguous()
+                or t.untyped_storage().data_ptr() != t0.untyped_storage().data_ptr()
+                or t.storage_offset() != offset + rows * row_len):
+            return None
+        rows += t.shape[0]
+    size, stride = ((rows, row_len), (row_len, 1)) if t0.dim() == 2 else ((rows,), (1,))
+    return t0.detach().as_strided(size, stride, offset)
+
+
 def _fuse(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Concatenate the row blocks of several Linear layers and re-point them at views of it."""
     with torch.no_grad():
-        w = torch.cat([l.weight for l in linears], dim=0).contiguous()
         has_bias = [l.bias is not None for l in linears]
+        w = _already_fused([l.weight for l in linears])
+        b = _already_fused([l.bias for l in linears]) if all(has_bias) else None
+        if w is not None and (b is not None or not any(has_bias)):
+            return w, b
+        w = torch.cat([l.weight for l in linears], dim=0).contiguous()
         if any(has_bias) and not all(has_bias):
             raise ValueError("mixed bias / no-bias projections cannot be fused")
         b = torch.cat([l.bias for l in linears]).contiguous() if all(has_bias) else None
@@ -69,6 +92,8 @@ class ModelWeights:
     scale: float
     rotary: torch.nn.Module
     rope_fixed_positions: int | None  # BackboneInfo.rope_fixed_positions
+    # (name, owner module, parameter name, the parameter read, its data_ptr then): see replaced()
+    sources: list = field(default_factory=list)
 
     @classmethod
     def from_hf(cls, model) -> "ModelWeights":
@@ -101,8 +126,19 @@ class ModelWeights:
             lm_head_bias=getattr(lm_head, "bias", None),
             n_heads=int(cfg.num_attention_heads), n_kv_heads=int(getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)),
             head_dim=head_dim, hidden_size=info.hidden_size, scale=float(att0.scaling), rotary=inner.rotary_emb,
-            rope_fixed_positions=info.rope_fixed_positions,
+            rope_fixed_positions=info.rope_fixed_positions, sources=_sources(model),
         )
+
+    def replaced(self) -> str | None:
+        """The name of the first parameter read here that the model no longer holds as it was:
+        assigned anew, or its data replaced (`.data = ...`, `model.to(dtype or device)`). The
+        weights are read once, and the fused q/k/v and gate/up are copies, so such a change
+        would otherwise go unseen (or fail deep inside a GEMM). ~0.1 ms at the 8B shape."""
+        for name, owner, attr, held, ptr in self.sources:
+            now = owner._parameters.get(attr)
+            if now is not held or now.data_ptr() != ptr:
+                return name
+        return None
 
     def rope_tables(self, n_positions: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [n_positions, D] from the model's own rotary module (in the model dtype, as HF).
@@ -121,6 +157,16 @@ class ModelWeights:
             pad = (0, 0, 0, n_positions - n)
             return F.pad(cos[0], pad).contiguous(), F.pad(sin[0], pad).contiguous()
         return cos[0].contiguous(), sin[0].contiguous()
+
+
+def _sources(model) -> list:
+    """Every parameter ModelWeights reads, as (name, owner, attr, parameter, data_ptr)."""
+    out = []
+    for prefix, mod in model.named_modules():
+        for attr, p in mod._parameters.items():
+            if p is not None:
+                out.append((f"{prefix}.{attr}" if prefix else attr, mod, attr, p, p.data_ptr()))
+    return out
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -45,6 +45,41 @@ def test_filters():
     assert torch.isfinite(top_k).tolist() == [[True, True, True, False]]
 
 
+@pytest.mark.parametrize("temperature,top_k,top_p", [
+    (1.0, 0, 0.9), (0.7, 0, 0.5), (1.3, 50, 1.0), (0.8, 40, 0.95), (1.0, 5, 0.3), (2.0, 0, 0.99)])
+def test_filters_keep_the_tokens_hf_warpers_keep(temperature, top_k, top_p):
+    """The same support as HF generate's warpers (temperature, then top-k, then top-p) on rows
+    shaped like LM logits (a few dominant tokens over a long tail). Only a token whose
+    preceding mass lies within float32 rounding of top_p may fall either way (HF sums the
+    ascending sort, we the descending one); such tokens are counted and must stay rare."""
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    g = torch.Generator().manual_seed(int(temperature * 100) + top_k + int(top_p * 1000))
+    logits = torch.randn(400, 1000, generator=g) * 2.0
+    logits[:, :8] += torch.rand(400, 8, generator=g) * 12  # a few likely tokens, as after real text
+    ours = torch.isfinite(filter_logits(logits, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)))
+    x = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k:
+        x = TopKLogitsWarper(top_k)(None, x)
+    if top_p < 1.0:
+        x = TopPLogitsWarper(top_p)(None, x)
+    hf = torch.isfinite(x)
+    assert 0 < int(ours.sum()) < ours.numel()  # the filters did cut (not a vacuous comparison)
+
+    # the preceding mass of each token in exact-ish arithmetic, for the rounding band only
+    x64 = (logits.double() / temperature)
+    if top_k:
+        x64 = x64.masked_fill(x64 < torch.topk(x64, top_k, dim=-1).values[..., -1:], float("-inf"))
+    sx, order = torch.sort(x64, dim=-1, descending=True)
+    pr = torch.softmax(sx, dim=-1)
+    before = torch.zeros_like(pr).scatter(-1, order, torch.cumsum(pr, -1) - pr)
+    borderline = (before - top_p).abs() < 1e-5
+    differ = ours != hf
+    assert not (differ & ~borderline).any(), f"{int((differ & ~borderline).sum())} tokens kept differently"
+    assert int(differ.sum()) <= 2, int(differ.sum())
+
+
 def test_frequencies_follow_softmax():
     probs = torch.tensor([0.5, 0.25, 0.15, 0.1])
     n = 20_000
