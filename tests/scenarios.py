@@ -18,6 +18,27 @@ import torch
 from helpers import intervention, random_artifact
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# Config options real checkpoints set (test_config_variants.py, test_rope_scaling.py), drawn with
+# --variants: (family, overrides, randomise the biases). The RoPE types that depend on the length
+# keep their fixed frequencies past MAX_LEN + the largest K, so every drawn call is admitted.
+VARIANTS = {
+    "llama-biases": ("llama", dict(attention_bias=True, mlp_bias=True), True),
+    "qwen3-attention_bias": ("qwen3", dict(attention_bias=True), True),
+    "qwen2-tied": ("qwen2", dict(tie_word_embeddings=True), True),
+    "mistral-head_dim_32": ("mistral", dict(head_dim=32), False),
+    "llama-mqa": ("llama", dict(num_key_value_heads=1), False),
+    "llama-mha": ("llama", dict(num_key_value_heads=4), False),
+    "llama-llama3_rope": ("llama", dict(rope_parameters=dict(
+        rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=16)), False),
+    "qwen2-yarn": ("qwen2", dict(rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64)), False),
+    "qwen3-longrope": ("qwen3", dict(rope_parameters=dict(
+        rope_type="longrope", rope_theta=10000.0, short_factor=[1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0],
+        long_factor=[1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0], original_max_position_embeddings=64)), False),
+    "mistral-dynamic": ("mistral", dict(rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=4.0),
+                                        max_position_embeddings=64), False),
+}
 KINDS = ("none", "svgt", "svgt", "svgt", "conva", "neva", "re_control")
 
 
@@ -37,14 +58,20 @@ class Scenario:
     # ("stream", seed, k): another scenario's request streamed k steps, then closed;
     # ("refused", seed): a request the engine refuses (too long for its cache)
     interrupt: tuple | None = None
+    variant: str | None = None  # a key of VARIANTS: the family's model with those config options
+
+    @property
+    def model_key(self):
+        return self.family if self.variant is None else self.variant
 
     def describe(self) -> str:
         return (f"seed {self.seed}: {self.family}, lengths {[len(p) for p in self.prompts]}, "
                 f"{self.new_tokens} new, sampling {self.sampling}, eos {self.eos_from}, engine {self.engine}, "
-                f"calls {self.calls}, stream {self.stream}, interrupt {self.interrupt}, steering {self.steer}")
+                f"calls {self.calls}, stream {self.stream}, interrupt {self.interrupt}, variant {self.variant}, "
+                f"steering {self.steer}")
 
 
-def random_scenario(seed: int, *, allow_triton: bool = False) -> Scenario:
+def random_scenario(seed: int, *, allow_triton: bool = False, variants: bool = False) -> Scenario:
     r = random.Random(seed)
     B = r.choice((1, 1, 2, 3, 4, 5, 7))
     prompts = [[r.randrange(256) for _ in range(r.randint(1, 12))] for _ in range(B)]
@@ -81,6 +108,9 @@ def random_scenario(seed: int, *, allow_triton: bool = False) -> Scenario:
         sc.interrupt = ("stream", other, r2.randint(0, 12)) if r2.random() < 0.8 else ("refused", other)
         if r2.random() < 0.3:  # drawn last, so that the kinds above stay what they were
             sc.interrupt = ("overflow", other)
+    if variants:  # a stream of its own again; the family follows the variant
+        sc.variant = random.Random(seed * 104729 + 2).choice(sorted(VARIANTS))
+        sc.family = VARIANTS[sc.variant][0]
     return sc
 
 
@@ -125,6 +155,7 @@ def _interrupt(model, sc: Scenario, eng) -> None:
     from svgt_fast import generate
 
     other = random_scenario(sc.interrupt[1])
+    other.family, other.variant = sc.family, sc.variant  # served by sc's engine, so on sc's model
     n = min(len(other.prompts), len(sc.prompts))
     other.prompts, other.steer = other.prompts[:n], other.steer[:n]
     if sc.interrupt[0] == "overflow":  # a call whose steering overflows leaves NaN in the caches
@@ -165,7 +196,7 @@ def check_scenario(models: dict, sc: Scenario, engines: dict | None = None) -> l
     long-lived engine serving unrelated requests one after another (None: a new one per call)."""
     from svgt_fast import Engine, generate
 
-    model = models[sc.family]
+    model = models[sc.model_key]
     steerings = _steerings(model, sc)
     kw = dict(max_new_tokens=sc.new_tokens, **sc.sampling)
     eos = []
@@ -180,7 +211,7 @@ def check_scenario(models: dict, sc: Scenario, engines: dict | None = None) -> l
     if engines is None:
         eng = Engine(model, max_batch=B + e.get("spare_batch", 0), max_seq_len=12 + sc.new_tokens + 2, **opts)
     else:
-        key = (sc.family, e.get("graph_emulation", False), *opts.items())
+        key = (sc.model_key, e.get("graph_emulation", False), *opts.items())
         if key not in engines:
             engines[key] = Engine(model, max_batch=8, max_seq_len=MAX_LEN, **opts)
         eng = engines[key]
@@ -213,6 +244,24 @@ def tiny_family_models() -> dict:
     return {fam: build_tiny_model(fam, seed=100 + i, num_hidden_layers=7) for i, fam in enumerate(FAMILIES)}
 
 
+def variant_models() -> dict:
+    """One 7-layer model per VARIANTS key, biases drawn N(0, 0.5²) where asked (HF's zeros would
+    hide a bias left out)."""
+    from svgt_fast.tiny import build_tiny_model
+
+    models = {}
+    for i, (name, (family, overrides, random_biases)) in enumerate(sorted(VARIANTS.items())):
+        model = build_tiny_model(family, seed=200 + i, num_hidden_layers=7, **overrides)
+        if random_biases:
+            gen = torch.Generator().manual_seed(300 + i)
+            with torch.no_grad():
+                for mod in model.modules():
+                    if isinstance(mod, torch.nn.Linear) and mod.bias is not None:
+                        mod.bias.copy_(torch.randn(mod.bias.shape, generator=gen) * 0.5)
+        models[name] = model
+    return models
+
+
 if __name__ == "__main__":
     import os
     import sys
@@ -222,11 +271,12 @@ if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     n, first = int(args[0]), int(args[1]) if len(args) > 1 else 0
     engines = {} if "--shared-engines" in sys.argv else None  # one long-lived engine per configuration
-    models = tiny_family_models()
+    variants = "--variants" in sys.argv  # the models of VARIANTS instead of the four plain families
+    models = variant_models() if variants else tiny_family_models()
     failed = 0
     t0 = time.time()
     for seed in range(first, first + n):
-        sc = random_scenario(seed, allow_triton=True)
+        sc = random_scenario(seed, allow_triton=True, variants=variants)
         try:
             problems = check_scenario(models, sc, engines)
         except Exception as exc:  # noqa: BLE001 — a crash is a finding too
