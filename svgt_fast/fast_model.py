@@ -39,12 +39,12 @@ def _already_fused(tensors) -> torch.Tensor | None:
     (a second Engine on the same model): it is used as it is, so the engines share the weights
     and the first one keeps reading the ones the model holds."""
     t0 = tensors[0]
-    if t0 is None or t0.dim() not in (1, 2) or not t0.is_contiguous():
+    if t0.dim() not in (1, 2) or not t0.is_contiguous():
         return None
     row_len = t0.shape[1] if t0.dim() == 2 else 1
     offset, rows = t0.storage_offset(), 0
     for t in tensors:
-        if (t is None or t.dtype != t0.dtype or t.shape[1:] != t0.shape[1:] or not t.is_contiguous()
+        if (t.dtype != t0.dtype or t.shape[1:] != t0.shape[1:] or not t.is_contiguous()
                 or t.untyped_storage().data_ptr() != t0.untyped_storage().data_ptr()
                 or t.storage_offset() != offset + rows * row_len):
             return None
@@ -57,13 +57,13 @@ def _fuse(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Concatenate the row blocks of several Linear layers and re-point them at views of it."""
     with torch.no_grad():
         has_bias = [l.bias is not None for l in linears]
+        if any(has_bias) and not all(has_bias):
+            raise ValueError("mixed bias / no-bias projections cannot be fused")
         w = _already_fused([l.weight for l in linears])
         b = _already_fused([l.bias for l in linears]) if all(has_bias) else None
         if w is not None and (b is not None or not any(has_bias)):
             return w, b
         w = torch.cat([l.weight for l in linears], dim=0).contiguous()
-        if any(has_bias) and not all(has_bias):
-            raise ValueError("mixed bias / no-bias projections cannot be fused")
         b = torch.cat([l.bias for l in linears]).contiguous() if all(has_bias) else None
         row = 0
         for l in linears:
@@ -160,7 +160,8 @@ class ModelWeights:
 
 
 def _sources(model) -> list:
-    """Every parameter ModelWeights reads, as (name, owner, attr, parameter, data_ptr)."""
+    """Every parameter of the model (those ModelWeights reads among them), as (name, owner,
+    attr, parameter, data_ptr)."""
     out = []
     for prefix, mod in model.named_modules():
         for attr, p in mod._parameters.items():

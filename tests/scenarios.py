@@ -155,7 +155,6 @@ def _interrupt(model, sc: Scenario, eng) -> None:
     from svgt_fast import generate
 
     other = random_scenario(sc.interrupt[1])
-    other.family, other.variant = sc.family, sc.variant  # served by sc's engine, so on sc's model
     n = min(len(other.prompts), len(sc.prompts))
     other.prompts, other.steer = other.prompts[:n], other.steer[:n]
     if sc.interrupt[0] == "overflow":  # a call whose steering overflows leaves NaN in the caches
