@@ -17,10 +17,13 @@ import torch
 
 # ---- backbone shapes with random weights (timing does not depend on weight values) -------------
 SHAPES = {
-    # Llama-3-8B: d 4096, 32 layers, 32/8 heads, head 128, SwiGLU 14336, vocab 128256.
+    # Llama-3-8B: d 4096, 32 layers, 32/8 heads, head 128, SwiGLU 14336, vocab 128256; the RoPE and
+    # context of Llama-3.1-8B's config (llama3 scaling of an 8192-position original to 131072; HF
+    # warns when the two are equal). The frequencies do not depend on the context; engines are
+    # sized by their max_seq_len, never by it.
     "llama3-8b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, intermediate_size=14336, vocab_size=128256,
-                      max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+                      max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
     # Qwen2.5-0.5B-like: the small shape where launch overhead dominates.
