@@ -8,6 +8,9 @@ Checks, for a batch of ragged prompts:
   (tokens, finish reasons, trigger counts); with --attention triton the Triton kernels run under
   the interpreter (TRITON_INTERPRET=1) at these widths.
 - --bf16: issue 3's bf16 bar (helpers.check_bf16_bar) at this width.
+- --kernels: prefix attention at bench_prefix_attention's shapes (32/8 heads of 128, 4096 keys,
+  batch 1 and 16, split-K as an H100 or H200 picks it: 132 SMs) and a 512-token prefill chunk,
+  fp32 and fp16, under the interpreter, against the reference.
 
 Not in CI (minutes and ~12 GB of memory at 7 layers, the fewest ConVA can steer):
     python tests/real_width.py [--layers 7] [--new 8] [--attention torch|triton] [--bf16]
@@ -107,6 +110,43 @@ def check_fp32(layers: int, n_new: int, attention: str) -> list[str]:
     return problems
 
 
+def check_kernels() -> list[str]:
+    from svgt_fast.kernels.prefix_attention import prefix_attention
+    from svgt_fast.kernels.reference import prefix_attention_ref
+
+    Hq, Hkv, D, S, kmax, sms = 32, 8, 128, 4096, 5, 132
+    problems = []
+    # (batch, queries per row, split-K): default_splits on 132 SMs gives 16 at B=1 (8 programs)
+    # and 3 at B=16 (128 programs); a 512-query prefill chunk (one split and two)
+    cases = [(1, 1, min(-(-2 * sms // 8), S // 256)), (16, 1, -(-2 * sms // 128)), (1, 512, 1), (2, 512, 2)]
+    for dtype in (torch.float32, torch.float16):
+        for B, M, n_splits in cases:
+            g = torch.Generator().manual_seed(B * 1000 + M)
+            rnd = lambda *shape: torch.randn(*shape, generator=g).to(dtype)
+            q, kc, vc = rnd(B, M, Hq, D), rnd(B, Hkv, S + 1, D), rnd(B, Hkv, S + 1, D)
+            kb, vb = rnd(B, Hkv, kmax, D), rnd(B, Hkv, kmax, D)
+            P = torch.randint(S // 2, S - M, (B,), generator=g)  # prompts then responses; ragged
+            P[0] = S - M - kmax if M == 1 else P[0]
+            bl = torch.full((B,), kmax)
+            bl[B // 2:] = torch.randint(0, kmax + 1, (B - B // 2,), generator=g)
+            # decode: the newest logical index of each row; prefill chunk: the last M positions
+            last = (S - 1 - kmax) + bl if M == 1 else P + bl + M - 1
+            q_pos = last[:, None] - torch.arange(M - 1, -1, -1)[None]
+            args = (q, kc, vc, q_pos, P, bl, kb, vb, D ** -0.5)
+            t0 = time.time()
+            got = prefix_attention(*args, n_slots=S, n_splits=n_splits).float()
+            want = prefix_attention_ref(*(a.float() if torch.is_tensor(a) and a.is_floating_point() else a
+                                          for a in args), n_slots=S)
+            same = prefix_attention_ref(*args, n_slots=S, compute_dtype=dtype).float()
+            err, bar = (got - want).abs().max().item(), (same - want).abs().max().item()
+            ok = err <= 1e-4 if dtype == torch.float32 else err <= 2 * bar + 1e-6
+            print(f"prefix attention {str(dtype)[6:]} B={B} M={M} splits={n_splits}: error {err:.2e} "
+                  f"(same-dtype reference {bar:.2e}) {'ok' if ok else 'TOO LARGE'}, {time.time() - t0:.0f} s", flush=True)
+            if not ok:
+                problems.append(f"prefix attention {dtype} B={B} M={M} splits={n_splits}: error {err} vs {bar}")
+    return problems
+
+
 def main() -> int:
     args = sys.argv[1:]
 
@@ -120,10 +160,10 @@ def main() -> int:
         ties = check_bf16_bar(build(layers, torch.bfloat16), n_new=n_new, lengths=(9, 23))
         print(f"bf16 bar at full width, {layers} layers: passed ({ties} ties), {time.time() - t0:.0f} s")
         return 0
-    problems = check_fp32(layers, n_new, attention)
+    problems = check_kernels() if "--kernels" in args else check_fp32(layers, n_new, attention)
     for p in problems:
         print("PROBLEM", p)
-    print(f"fp32, {layers} layers, attention {attention}: {len(problems)} problems, {time.time() - t0:.0f} s")
+    print(f"{'kernels' if '--kernels' in args else f'fp32, {layers} layers, attention {attention}'}: {len(problems)} problems, {time.time() - t0:.0f} s")
     return 1 if problems else 0
 
 
