@@ -13,7 +13,7 @@ Checks, for a batch of ragged prompts:
   fp32 and fp16, under the interpreter, against the reference.
 
 Not in CI (minutes and ~12 GB of memory at 7 layers, the fewest ConVA can steer):
-    python tests/real_width.py [--layers 7] [--new 8] [--attention torch|triton] [--bf16]
+    python tests/real_width.py [--shape llama3-8b] [--layers 7] [--new 8] [--attention torch|triton] [--bf16|--kernels]
 """
 from __future__ import annotations
 
@@ -26,12 +26,15 @@ import torch
 from helpers import check_bf16_bar, intervention, random_artifact
 
 
+SHAPE = "llama3-8b"  # --shape: another named shape of svgt_fast.bench.SHAPES (e.g. qwen2.5-0.5b)
+
+
 def build(layers: int, dtype) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from svgt_fast.bench import SHAPES
 
-    args = dict(SHAPES["llama3-8b"], num_hidden_layers=layers)
+    args = dict(SHAPES[SHAPE], num_hidden_layers=layers)
     model_type = args.pop("model_type")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **args), dtype=dtype)
@@ -153,17 +156,19 @@ def main() -> int:
     def opt(name, default):
         return type(default)(args[args.index(name) + 1]) if name in args else default
 
+    global SHAPE
     layers, n_new, attention = opt("--layers", 7), opt("--new", 8), opt("--attention", "torch")
+    SHAPE = opt("--shape", SHAPE)
     torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.time()
     if "--bf16" in args:
         ties = check_bf16_bar(build(layers, torch.bfloat16), n_new=n_new, lengths=(9, 23))
-        print(f"bf16 bar at full width, {layers} layers: passed ({ties} ties), {time.time() - t0:.0f} s")
+        print(f"bf16 bar at full width of {SHAPE}, {layers} layers: passed ({ties} ties), {time.time() - t0:.0f} s")
         return 0
     problems = check_kernels() if "--kernels" in args else check_fp32(layers, n_new, attention)
     for p in problems:
         print("PROBLEM", p)
-    print(f"{'kernels' if '--kernels' in args else f'fp32, {layers} layers, attention {attention}'}: {len(problems)} problems, {time.time() - t0:.0f} s")
+    print(f"{'kernels' if '--kernels' in args else f'{SHAPE} fp32, {layers} layers, attention {attention}'}: {len(problems)} problems, {time.time() - t0:.0f} s")
     return 1 if problems else 0
 
 
