@@ -26,7 +26,14 @@ import torch
 from helpers import check_bf16_bar, intervention, random_artifact
 
 
-SHAPE = "llama3-8b"  # --shape: another named shape of svgt_fast.bench.SHAPES (e.g. qwen2.5-0.5b)
+SHAPE = "llama3-8b"  # --shape: another named shape of svgt_fast.bench.SHAPES (e.g. qwen2.5-0.5b) or below
+# Shapes checked here only (not bench shapes): Qwen3-8B's config — q/k norms, head_dim 128, SwiGLU 12288.
+EXTRA_SHAPES = {
+    "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, intermediate_size=12288, vocab_size=151936,
+                     max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                     tie_word_embeddings=False),
+}
 
 
 def build(layers: int, dtype) -> torch.nn.Module:
@@ -34,7 +41,7 @@ def build(layers: int, dtype) -> torch.nn.Module:
 
     from svgt_fast.bench import SHAPES
 
-    args = dict(SHAPES[SHAPE], num_hidden_layers=layers)
+    args = dict({**SHAPES, **EXTRA_SHAPES}[SHAPE], num_hidden_layers=layers)
     model_type = args.pop("model_type")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **args), dtype=dtype)
