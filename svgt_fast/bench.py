@@ -40,15 +40,21 @@ SHAPES = {
 CPU_SHAPES = ("tiny", "tiny8")
 
 
-def build_random_model(shape: str, device, dtype):
-    """A causal LM of a named shape (SHAPES) with seeded random weights, built on `device`."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+def build_random_model(shape: str, device, dtype, **overrides):
+    """A causal LM of a named shape (SHAPES), config fields overridden by `overrides` (e.g.
+    num_hidden_layers), with seeded random weights, built on `device`."""
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; named shapes: {', '.join(SHAPES)}")
-    args = dict(SHAPES[shape])
-    model_type = args.pop("model_type")
-    cfg = AutoConfig.for_model(model_type, **args)
+    return random_model(dict(SHAPES[shape], **overrides), device, dtype)
+
+
+def random_model(config_args: dict, device, dtype):
+    """A causal LM from config arguments (model_type and the config's fields) with seeded random
+    weights, built on `device`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    args = dict(config_args)
+    cfg = AutoConfig.for_model(args.pop("model_type"), **args)
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)

@@ -57,6 +57,25 @@ def check_bf16_bar(model, n_new: int, lengths, seed: int = 0):
     return ties
 
 
+def output_differences(ref, out, row_label) -> list[str]:
+    """Where GenerationOutput `out` differs from `ref` (the reference's), row by row: tokens (from
+    which step), finish reasons, trigger counts; messages start with row_label(i)."""
+    problems = []
+    for i in range(ref.new_tokens.shape[0]):
+        n_ref, n_out = int(ref.num_new_tokens[i]), int(out.num_new_tokens[i])
+        a, b = ref.new_tokens[i, :n_ref].tolist(), out.new_tokens[i, :n_out].tolist()
+        if a != b:
+            first = next((t for t, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            problems.append(f"{row_label(i)}: tokens differ from step {first}: reference {a} vs fast {b}")
+        if ref.finish_reasons[i] != out.finish_reasons[i]:
+            problems.append(f"{row_label(i)}: finish reason {out.finish_reasons[i]!r} "
+                            f"vs reference {ref.finish_reasons[i]!r}")
+        if int(ref.trigger_counts[i]) != int(out.trigger_counts[i]):
+            problems.append(f"{row_label(i)}: trigger count {int(out.trigger_counts[i])} "
+                            f"vs reference {int(ref.trigger_counts[i])}")
+    return problems
+
+
 def random_artifact(model, kind: str, seed: int):
     """A random RE-Control value function / ConVA vectors / NeVA neurons for `model` (seeded),
     strong enough to change greedy tokens."""

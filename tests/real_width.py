@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from helpers import check_bf16_bar, intervention, random_artifact
+from helpers import check_bf16_bar, intervention, output_differences, random_artifact
 
 
 SHAPE = "llama3-8b"  # --shape: another named shape of svgt_fast.bench.SHAPES (e.g. qwen2.5-0.5b) or below
@@ -37,34 +37,14 @@ EXTRA_SHAPES = {
 
 
 def build(layers: int, dtype) -> torch.nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from svgt_fast.bench import SHAPES, random_model
 
-    from svgt_fast.bench import SHAPES
-
-    args = dict({**SHAPES, **EXTRA_SHAPES}[SHAPE], num_hidden_layers=layers)
-    model_type = args.pop("model_type")
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **args), dtype=dtype)
-    return model.eval()
+    return random_model(dict({**SHAPES, **EXTRA_SHAPES}[SHAPE], num_hidden_layers=layers), "cpu", dtype)
 
 
 def prompts(vocab: int, lengths=(5, 17, 11)) -> list[list[int]]:
     g = torch.Generator().manual_seed(1)
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
-def compare(name: str, ref, out) -> list[str]:
-    problems = []
-    for i in range(ref.new_tokens.shape[0]):
-        a = ref.new_tokens[i, :int(ref.num_new_tokens[i])].tolist()
-        b = out.new_tokens[i, :int(out.num_new_tokens[i])].tolist()
-        if a != b:
-            problems.append(f"{name} row {i}: reference {a} vs fast {b}")
-        if ref.finish_reasons[i] != out.finish_reasons[i]:
-            problems.append(f"{name} row {i}: finish {out.finish_reasons[i]!r} vs {ref.finish_reasons[i]!r}")
-        if int(ref.trigger_counts[i]) != int(out.trigger_counts[i]):
-            problems.append(f"{name} row {i}: triggers {int(out.trigger_counts[i])} vs {int(ref.trigger_counts[i])}")
-    return problems
 
 
 def check_fp32(layers: int, n_new: int, attention: str) -> list[str]:
@@ -110,7 +90,7 @@ def check_fp32(layers: int, n_new: int, attention: str) -> list[str]:
             ref = generate(model, ps, steering=steering, engine="reference", **kw, **sampling)
             t1 = time.time()
             out = generate(model, ps, steering=steering, engine=eng, **kw, **sampling)
-            found = compare(label, ref, out)
+            found = output_differences(ref, out, lambda i: f"{label} row {i}")
             print(f"{label}: reference {t1 - t0:.0f} s, fast {time.time() - t1:.0f} s, "
                   f"{'EQUAL' if not found else 'DIFFER'}; triggers {out.trigger_counts.tolist()}", flush=True)
             problems += found
@@ -121,14 +101,14 @@ def check_fp32(layers: int, n_new: int, attention: str) -> list[str]:
 
 
 def check_kernels() -> list[str]:
-    from svgt_fast.kernels.prefix_attention import prefix_attention
+    from svgt_fast.kernels.prefix_attention import prefix_attention, splits_for
     from svgt_fast.kernels.reference import prefix_attention_ref
 
     Hq, Hkv, D, S, kmax, sms = 32, 8, 128, 4096, 5, 132
     problems = []
-    # (batch, queries per row, split-K): default_splits on 132 SMs gives 16 at B=1 (8 programs)
-    # and 3 at B=16 (128 programs); a 512-query prefill chunk (one split and two)
-    cases = [(1, 1, min(-(-2 * sms // 8), S // 256)), (16, 1, -(-2 * sms // 128)), (1, 512, 1), (2, 512, 2)]
+    # (batch, queries per row, split-K): decode with the split an H100 / H200 picks (16 at B=1:
+    # 8 programs; 3 at B=16: 128 programs); a 512-query prefill chunk (one split and two)
+    cases = [(1, 1, splits_for(1 * Hkv, S, sms)), (16, 1, splits_for(16 * Hkv, S, sms)), (1, 512, 1), (2, 512, 2)]
     for dtype in (torch.float32, torch.float16):
         for B, M, n_splits in cases:
             g = torch.Generator().manual_seed(B * 1000 + M)
@@ -136,7 +116,8 @@ def check_kernels() -> list[str]:
             q, kc, vc = rnd(B, M, Hq, D), rnd(B, Hkv, S + 1, D), rnd(B, Hkv, S + 1, D)
             kb, vb = rnd(B, Hkv, kmax, D), rnd(B, Hkv, kmax, D)
             P = torch.randint(S // 2, S - M, (B,), generator=g)  # prompts then responses; ragged
-            P[0] = S - M - kmax if M == 1 else P[0]
+            if M == 1:  # row 0 decodes its first response token
+                P[0] = S - M - kmax
             bl = torch.full((B,), kmax)
             bl[B // 2:] = torch.randint(0, kmax + 1, (B - B // 2,), generator=g)
             # decode: the newest logical index of each row; prefill chunk: the last M positions

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from helpers import intervention, random_artifact
+from helpers import intervention, output_differences, random_artifact
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 # Config options real checkpoints set (test_config_variants.py, test_rope_scaling.py), drawn with
@@ -220,19 +220,7 @@ def check_scenario(models: dict, sc: Scenario, engines: dict | None = None) -> l
     problems = []
     for call in range(sc.calls):
         out = _run(model, sc, steerings, eng, eos, kw)
-        for i in range(B):
-            n_ref, n_out = int(ref.num_new_tokens[i]), int(out.num_new_tokens[i])
-            a, b = ref.new_tokens[i, :n_ref].tolist(), out.new_tokens[i, :n_out].tolist()
-            if a != b:
-                first = next((t for t, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-                problems.append(f"call {call} row {i} ({sc.steer[i]}): tokens differ from step {first}: "
-                                f"reference {a} vs fast {b}")
-            if ref.finish_reasons[i] != out.finish_reasons[i]:
-                problems.append(f"call {call} row {i} ({sc.steer[i]}): finish reason {out.finish_reasons[i]!r} "
-                                f"vs reference {ref.finish_reasons[i]!r}")
-            if int(ref.trigger_counts[i]) != int(out.trigger_counts[i]):
-                problems.append(f"call {call} row {i} ({sc.steer[i]}): trigger count {int(out.trigger_counts[i])} "
-                                f"vs reference {int(ref.trigger_counts[i])}")
+        problems += output_differences(ref, out, lambda i: f"call {call} row {i} ({sc.steer[i]})")
     return problems
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from svgt_fast import SVGT, Engine, generate
-from svgt_fast.bench import SHAPES
+from svgt_fast.bench import build_random_model
 from svgt_fast.tiny import build_value_module
 
 PROMPTS = [[11, 2047, 9], [4095, 5, 17, 640, 3, 3, 2800]]
@@ -19,12 +19,7 @@ PROMPTS = [[11, 2047, 9], [4095, 5, 17, 640, 3, 3, 2800]]
 
 @pytest.fixture(scope="module")
 def model():
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    args = dict(SHAPES["llama3-8b"], num_hidden_layers=2, vocab_size=4096)
-    model_type = args.pop("model_type")
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **args), dtype=torch.float32).eval()
+    return build_random_model("llama3-8b", "cpu", torch.float32, num_hidden_layers=2, vocab_size=4096)
 
 
 def _steering(model):

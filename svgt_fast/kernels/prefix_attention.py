@@ -184,10 +184,15 @@ def _sm_count(index: int) -> int:
 
 def default_splits(n_programs: int, n_slots: int, device: torch.device) -> int:
     """Split the key range only when the grid would leave the GPU's SMs idle."""
-    if device.type != "cuda" or n_slots <= 512:
+    if device.type != "cuda":
         return 1
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    if n_programs >= sms:
+    return splits_for(n_programs, n_slots, _sm_count(device.index if device.index is not None
+                                                      else torch.cuda.current_device()))
+
+
+def splits_for(n_programs: int, n_slots: int, sms: int) -> int:
+    """default_splits on a GPU of `sms` SMs: about two programs per SM, at least 256 keys each."""
+    if n_slots <= 512 or n_programs >= sms:
         return 1
     return int(max(1, min(triton.cdiv(2 * sms, n_programs), triton.cdiv(n_slots, 256), 64)))
 
