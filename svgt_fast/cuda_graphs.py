@@ -120,8 +120,10 @@ def capture(engine, step):
         graph = torch.cuda.CUDAGraph()
         engine.graph_phase = graph
         # thread_local: a CUDA call of another thread (a sync, say) during the capture is not
-        # an error of this capture (torch >= 2.11, pyproject, takes the argument)
-        with torch.cuda.graph(graph, pool=graph_pool(engine), capture_error_mode="thread_local"):
+        # an error of this capture (torch >= 2.11, pyproject, takes the argument). stream: the
+        # engine's device's side stream; torch's default capture stream is one for the process,
+        # made on whichever device was current at the first capture.
+        with torch.cuda.graph(graph, pool=graph_pool(engine), stream=side, capture_error_mode="thread_local"):
             out = step()
     finally:
         engine.graph_phase = None

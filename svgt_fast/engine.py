@@ -318,7 +318,7 @@ class Engine(RefreshSteps):
                   f"max_seq_len ({self.max_seq_len}) or prefill_tokens ({self.prefill_tokens}); "
                   f"cuda_graphs=False saves the graphs' memory")
         steps = self.guard.run(self._generate(prompts, plan, max_new_tokens, sampling, row_seeds, eos_ids, pad_id,
-                                              forced_tokens, logits_out, stream), advice)
+                                              forced_tokens, logits_out, stream), advice, self.device)
         return steps if stream else run_to_end(steps)
 
     @torch.no_grad()
@@ -446,7 +446,7 @@ class Engine(RefreshSteps):
                                           dtype=self.dtype)
             return self._prefill(ids, P, plan)[0]
 
-        return run_to_end(self.guard.run(body(), f"lower the batch ({len(prompts)} rows)"))
+        return run_to_end(self.guard.run(body(), f"lower the batch ({len(prompts)} rows)", self.device))
 
     # ---- the three kinds of forward ----------------------------------------------------------
     def _extract_layer(self, plan: SteeringPlan) -> int:

@@ -226,3 +226,23 @@ def test_nonfinite_rows_stop_on_cuda_as_on_the_cpu():
         fast = generate(model, rows, engine=Engine(model, max_batch=4, max_seq_len=32), **kw)
     assert fast.finish_reasons == ref.finish_reasons and torch.equal(fast.new_tokens, ref.new_tokens)
     assert fast.timings["graph_steps"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_engine_on_a_second_gpu():
+    """A model on cuda:1 while cuda:0 is current: Triton would launch on cuda:0 and a graph would
+    capture cuda:0's stream unless each call makes the engine's device current (guard.on_device,
+    the capture's own stream). Tokens equal the oracle's, streamed too, and cuda:0 stays current
+    for the caller."""
+    model = build_tiny_model("llama", seed=31).to("cuda:1")
+    steering = SVGT(build_value_module(model, seed=31), refresh_interval=3)
+    rows = ragged_prompts(31, lengths=(4, 9))
+    ref = generate(model, rows, steering=steering, max_new_tokens=12, engine="reference")
+    with torch.cuda.device(0):
+        eng = Engine(model, max_batch=2, max_seq_len=48)
+        for _ in range(2):  # the second call replays the graphs captured in the first
+            fast = generate(model, rows, steering=steering, max_new_tokens=12, engine=eng)
+            assert torch.equal(fast.new_tokens.cpu(), ref.new_tokens.cpu())
+            assert fast.timings["graph_steps"] > 0 and torch.cuda.current_device() == 0
+        events = list(generate(model, rows, steering=steering, max_new_tokens=12, engine=eng, stream=True))
+        assert torch.equal(events[-1].output.new_tokens.cpu(), ref.new_tokens.cpu())

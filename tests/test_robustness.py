@@ -328,6 +328,63 @@ def test_reference_engine_calls_on_one_model_do_not_interleave(llama, monkeypatc
     assert peak[0] == 1
 
 
+# ---- the engine's device is current while it works -------------------------------------------
+class _FakeCudaDevice:
+    """Stands in for torch.cuda.device on a machine without CUDA: records the current device."""
+    current = [0]
+
+    def __init__(self, device):
+        self.index = device.index
+
+    def __enter__(self):
+        self.prev, _FakeCudaDevice.current[0] = _FakeCudaDevice.current[0], self.index
+
+    def __exit__(self, *exc):
+        _FakeCudaDevice.current[0] = self.prev
+
+
+def test_each_step_of_a_call_runs_with_the_engines_device_current(monkeypatch):
+    """Triton launches on the current device and a capture records the current device's stream,
+    so a model on cuda:1 with cuda:0 current must have cuda:1 current inside every step of a call,
+    including a stream's steps and its close, and only there: the consumer's device is its own
+    between steps. (The same on two real GPUs: test_gpu.test_engine_on_a_second_gpu.)"""
+    from svgt_fast.guard import CallGuard
+
+    monkeypatch.setattr(torch.cuda, "device", _FakeCudaDevice)
+    _FakeCudaDevice.current[0] = 0
+    seen = []
+
+    def call():
+        try:
+            for t in range(3):
+                seen.append(("step", t, _FakeCudaDevice.current[0]))
+                yield t
+            return "result"
+        finally:
+            seen.append(("cleanup", _FakeCudaDevice.current[0]))
+
+    guard = CallGuard("Engine")
+    stream = guard.run(call(), device=torch.device("cuda", 1))
+    for t in stream:
+        seen.append(("consumer", t, _FakeCudaDevice.current[0]))
+    assert seen == [("step", 0, 1), ("consumer", 0, 0), ("step", 1, 1), ("consumer", 1, 0), ("step", 2, 1),
+                    ("consumer", 2, 0), ("cleanup", 1)]
+    assert not guard.busy
+
+    seen.clear()  # a stream closed after its first step: the call's cleanup on its device, the lock freed
+    stream = guard.run(call(), device=torch.device("cuda", 1))
+    assert next(stream) == 0
+    stream.close()
+    assert seen == [("step", 0, 1), ("cleanup", 1)] and _FakeCudaDevice.current[0] == 0 and not guard.busy
+
+    seen.clear()  # the return value comes through; a CPU engine changes nothing
+    from svgt_fast.streaming import run_to_end
+
+    assert run_to_end(guard.run(call(), device=torch.device("cuda", 1))) == "result"
+    assert run_to_end(guard.run(call(), device=torch.device("cpu"))) == "result"
+    assert [s[-1] for s in seen] == [1, 1, 1, 1, 0, 0, 0, 0]
+
+
 # ---- artifacts never execute code --------------------------------------------------------------
 class _Boom:
     """Unpickling this runs code (it would create a marker file)."""
