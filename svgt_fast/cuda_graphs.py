@@ -92,6 +92,23 @@ def graph_pool(engine):
     return engine.graph_pool
 
 
+def capture_stream(engine) -> torch.cuda.Stream:
+    """The one stream every graph of an engine is captured on (made on the engine's device).
+
+    One per engine, used for nothing else: the caching allocator reuses a freed block only for
+    the stream it was allocated on, so captures on one stream share the pool's memory (a new
+    stream per capture would keep every graph's intermediates apart: the exact-refresh graphs of
+    a long call would grow with its length squared). And nothing runs on it eagerly, so the cuBLAS
+    workspace its GEMMs use is made inside the first capture, in the pool, rather than in
+    ordinary memory, where a dropped graph (reset() frees its capture stream's workspace) would
+    hand the address the other graphs still write to over to any tensor. Not torch's default
+    capture stream: that one is shared by the whole process, made on whichever device was current
+    at the first capture, and its workspace would outlive no engine's pool."""
+    if getattr(engine, "graph_stream", None) is None:
+        engine.graph_stream = torch.cuda.Stream(engine.device)
+    return engine.graph_stream
+
+
 def capture(engine, step):
     """(graph, outputs): warm up on a side stream (compiles the Triton kernels, every branch of
     `run_if` included), then capture. On CPU (engine.graph_emulation, for tests) the same
@@ -109,7 +126,10 @@ def capture(engine, step):
             engine.graph_phase = None
         return graph, out
     dev = engine.device
-    side = torch.cuda.Stream(dev)
+    stream = capture_stream(engine)
+    # Warm-up (eager) on a stream of the high-priority pool: never an engine's capture stream,
+    # which comes from the normal-priority pool (capture_stream's docstring says why it matters)
+    side = torch.cuda.Stream(dev, priority=-1)
     side.wait_stream(torch.cuda.current_stream(dev))
     try:
         engine.graph_phase = "warmup"
@@ -117,13 +137,12 @@ def capture(engine, step):
             for _ in range(2):
                 step()
         torch.cuda.current_stream(dev).wait_stream(side)
+        stream.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         engine.graph_phase = graph
         # thread_local: a CUDA call of another thread (a sync, say) during the capture is not
-        # an error of this capture (torch >= 2.11, pyproject, takes the argument). stream: the
-        # engine's device's side stream; torch's default capture stream is one for the process,
-        # made on whichever device was current at the first capture.
-        with torch.cuda.graph(graph, pool=graph_pool(engine), stream=side, capture_error_mode="thread_local"):
+        # an error of this capture (torch >= 2.11, pyproject, takes the argument)
+        with torch.cuda.graph(graph, pool=graph_pool(engine), stream=stream, capture_error_mode="thread_local"):
             out = step()
     finally:
         engine.graph_phase = None
@@ -161,7 +180,7 @@ class GraphedDecode:
     """Callable like the eager step: (tok [B], t, P [B], bridge_len [B], seeds [B], p_max) -> (tok, logits)."""
 
     def __init__(self, engine, bucket: int, plan, sampling):
-        self.engine, self.bucket, self.replays = engine, bucket, 0
+        self.bucket, self.replays = bucket, 0  # no reference to the engine: it holds us (a cycle kept its GPU memory until a gc)
         dev = engine.device
         self.tok = torch.zeros(bucket, dtype=torch.long, device=dev)
         self.P = torch.ones(bucket, dtype=torch.long, device=dev)
@@ -224,7 +243,7 @@ class GraphedRefresh:
     `Engine.refresh_step`."""
 
     def __init__(self, engine, bucket: int, plan, sampling, due, exact_rows: int | None = None):
-        self.engine, self.bucket, self.replays = engine, bucket, 0
+        self.bucket, self.replays = bucket, 0  # no reference to the engine: it holds us (a cycle kept its GPU memory until a gc)
         dev = engine.device
         self.tok = torch.zeros(bucket, dtype=torch.long, device=dev)
         self.P = torch.ones(bucket, dtype=torch.long, device=dev)
@@ -244,42 +263,9 @@ class GraphedRefresh:
         self.graph, self.out = capture(engine, step)
 
     @classmethod
-    def runner(cls, engine, batch: int, plan, sampling):
-        """The callable the engine's loop uses: picks (capturing on first use) the graph of the
-        due groups and, when an exact group is due, of the row bucket."""
-        bucket = bucket_for(batch, engine.max_batch)
-        padded = plan.padded(bucket)
-        plan_key, sampling_key = padded.graph_key, sampling.graph_key
-        mine = {}  # (due, rows) -> graph for this call (GraphCache never drops them during it)
-
-        def graph_for(t, due):
-            exact = any(plan.groups[i].steering.refresh_spec[0] == "exact" for i in due)
-            rows = min(-(-int(t) // EXACT_ROWS_BUCKET) * EXACT_ROWS_BUCKET, engine.max_seq_len) if exact else None
-            graph = mine.get((due, rows))
-            if graph is None:
-                key = ("refresh", bucket, plan_key, sampling_key, due, rows)
-                graph = graph_cache(engine).fetch(key, lambda: cls(engine, bucket, padded, sampling, due, rows),
-                                                  engine.device)
-                graph.sampling.set(sampling)
-                mine[due, rows] = graph
-            return graph
-
-        def run(tok, t, P, state, seeds, p_max, due):
-            run.replays += 1
-            return graph_for(t, due)(tok, t, P, state, seeds)
-
-        def prepare(max_new_tokens: int):
-            """Capture every graph this call will replay now, before the prefill: a capture runs
-            the step on dummy inputs, which writes into the batch's cache rows (slot 1, bridge
-            slots), and the prefill then overwrites all of it — as for the decode graph."""
-            for t in range(1, max_new_tokens):
-                due = plan.due(t)
-                if due:
-                    graph_for(t, due)
-
-        run.replays = 0
-        run.prepare = prepare
-        return run
+    def runner(cls, engine, batch: int, plan, sampling) -> "RefreshRunner":
+        """The callable the engine's loop uses (RefreshRunner)."""
+        return RefreshRunner(cls, engine, batch, plan, sampling)
 
     def __call__(self, tok, t, P, state, seeds):
         B = tok.shape[0]
@@ -297,3 +283,43 @@ class GraphedRefresh:
         self.replays += 1
         tok, logits, new_state = self.out
         return tok[:B].clone(), logits[:B], tuple(x[:B].clone() for x in new_state)
+
+
+class RefreshRunner:
+    """One call's refresh step: picks (capturing on first use) the graph of the due groups and,
+    when an exact group is due, of the row bucket. A plain object rather than closures: a
+    function reading its own attribute (`run.replays`) sits in a reference cycle, which kept the
+    call's engine (caches, graphs: GPU memory) alive after the caller let it go, until a gc."""
+
+    def __init__(self, graph_cls, engine, batch: int, plan, sampling):
+        self.graph_cls, self.engine, self.plan, self.sampling = graph_cls, engine, plan, sampling
+        self.bucket = bucket_for(batch, engine.max_batch)
+        self.padded = plan.padded(self.bucket)
+        self.mine = {}  # (due, rows) -> graph for this call (GraphCache never drops them during it)
+        self.replays = 0
+
+    def graph_for(self, t, due):
+        engine, plan = self.engine, self.plan
+        exact = any(plan.groups[i].steering.refresh_spec[0] == "exact" for i in due)
+        rows = min(-(-int(t) // EXACT_ROWS_BUCKET) * EXACT_ROWS_BUCKET, engine.max_seq_len) if exact else None
+        graph = self.mine.get((due, rows))
+        if graph is None:
+            key = ("refresh", self.bucket, self.padded.graph_key, self.sampling.graph_key, due, rows)
+            graph = graph_cache(engine).fetch(
+                key, lambda: self.graph_cls(engine, self.bucket, self.padded, self.sampling, due, rows), engine.device)
+            graph.sampling.set(self.sampling)
+            self.mine[due, rows] = graph
+        return graph
+
+    def __call__(self, tok, t, P, state, seeds, p_max, due):
+        self.replays += 1
+        return self.graph_for(t, due)(tok, t, P, state, seeds)
+
+    def prepare(self, max_new_tokens: int) -> None:
+        """Capture every graph this call will replay now, before the prefill: a capture runs the
+        step on dummy inputs, which writes into the batch's cache rows (slot 1, bridge slots),
+        and the prefill then overwrites all of it — as for the decode graph."""
+        for t in range(1, max_new_tokens):
+            due = self.plan.due(t)
+            if due:
+                self.graph_for(t, due)

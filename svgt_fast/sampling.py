@@ -82,9 +82,7 @@ class DeviceSampling:
             raise ValueError(f"sampling {params} does not fit a graph captured for {self.key}")
         if params != self.params and not params.greedy:
             self.temperature.fill_(params.temperature)
-            # the double reciprocal rounded to float32, as ATen's CUDA division by a Python number
-            # computes it (see _over_temperature)
-            self.inv_temperature.fill_(1.0 / params.temperature)
+            self.inv_temperature.fill_(cuda_reciprocal(params.temperature))
             self.top_p.fill_(params.top_p)
         self.params = params
         return self
@@ -115,10 +113,19 @@ def uniform_noise(row_seeds: torch.Tensor, step: torch.Tensor | int, vocab: int)
     return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 
+def cuda_reciprocal(value: float) -> float:
+    """The factor ATen's CUDA kernel multiplies by when a float32 tensor is divided by the Python
+    number `value` (div_true_kernel_cuda: `opmath_t(1.0) / scalar_value<opmath_t>`): the float32
+    reciprocal of value rounded to float32 — not the double reciprocal rounded, which differs in
+    the last bit for about a quarter of temperatures (0.55, 0.85, 1.1, ...)."""
+    one = torch.ones((), dtype=torch.float32)
+    return (one / torch.tensor(value, dtype=torch.float32)).item()
+
+
 def _over_temperature(x: torch.Tensor, params) -> torch.Tensor:
     """x / temperature, computed as the Python-number division computes it: ATen divides by a
     Python number on the CPU (a 0-d float32 tensor divides the same), but on CUDA multiplies by
-    its reciprocal (double, rounded to float32), which `DeviceSampling.inv_temperature` holds."""
+    its float32 reciprocal (`cuda_reciprocal`), which `DeviceSampling.inv_temperature` holds."""
     if isinstance(params, DeviceSampling) and x.is_cuda:
         return x * params.inv_temperature
     return x / params.temperature

@@ -246,3 +246,40 @@ def test_engine_on_a_second_gpu():
             assert fast.timings["graph_steps"] > 0 and torch.cuda.current_device() == 0
         events = list(generate(model, rows, steering=steering, max_new_tokens=12, engine=eng, stream=True))
         assert torch.equal(events[-1].output.new_tokens.cpu(), ref.new_tokens.cpu())
+
+
+@pytest.mark.parametrize("temperature", [0.55, 0.8, 0.85, 1.1, 1.7])
+def test_graph_temperature_matches_cuda_division(temperature):
+    """A graph scales logits by DeviceSampling.inv_temperature; eager CUDA (the first token, the
+    reference) divides by the Python number: bit for bit the same on the GPU."""
+    from svgt_fast.sampling import DeviceSampling, SamplingParams, filter_logits
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn(4, 4096, device="cuda", generator=g) * 20
+    params = SamplingParams(temperature=temperature, top_p=1.0)
+    dev = DeviceSampling(params, "cuda")
+    assert torch.equal(x * dev.inv_temperature, x / temperature)
+    assert torch.equal(filter_logits(x, dev), filter_logits(x, params))
+
+
+def test_every_graph_of_an_engine_is_captured_on_its_own_stream(monkeypatch):
+    """One capture stream per engine, used for nothing else (cuda_graphs.capture_stream): the
+    pool's freed blocks are reused only on their stream, and a workspace made eagerly on it would
+    be freed under the other graphs when one graph is dropped."""
+    real = torch.cuda.graph
+    streams = []
+
+    def recording(*args, **kwargs):
+        streams.append(kwargs.get("stream"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.cuda, "graph", recording)
+    model = build_tiny_model("llama", seed=32).cuda()
+    steering = SVGT(build_value_module(model, seed=32), refresh_interval=2, refresh="exact")
+    engines = [Engine(model, max_batch=2, max_seq_len=96) for _ in range(2)]
+    for eng in engines:
+        streams.clear()
+        out = generate(model, [[1, 2, 3], [4, 5]], steering=steering, max_new_tokens=40, engine=eng)
+        assert out.timings["graph_steps"] > 0
+        assert len(streams) >= 3 and all(s == eng.graph_stream for s in streams)  # decode + refresh buckets
+        assert eng.graph_stream.priority == 0 and eng.graph_stream.device == eng.device

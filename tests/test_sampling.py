@@ -157,3 +157,24 @@ def test_temperature_overflow_is_nonfinite_not_a_token():
     logits = torch.tensor([[1e35, 0.0, -1e35], [1.0, 2.0, 0.5]])
     tok = sample_next(logits, SamplingParams(temperature=1e-6), torch.tensor([1, 2]), 0)
     assert tok.tolist() == [NONFINITE, 1]
+
+
+@pytest.mark.parametrize("temperature", [0.55, 0.8, 0.85, 1.1, 1.7])
+def test_graph_temperature_factor_is_atens_cuda_reciprocal(temperature):
+    """On CUDA, `logits / T` (a Python number) multiplies by opmath_t(1) / opmath_t(T), both float32
+    (ATen's div_true_kernel_cuda); a graph multiplies by DeviceSampling.inv_temperature, so that
+    must be the same float32 number — not the double 1/T rounded, one ulp away at 0.55, 0.85, 1.1
+    and 1.7. (The division itself on a GPU: test_gpu.test_graph_temperature_matches_cuda_division.)"""
+    import struct
+
+    from svgt_fast.sampling import DeviceSampling, cuda_reciprocal
+
+    def f32(x):
+        return struct.unpack("f", struct.pack("f", x))[0]
+
+    want = f32(1.0 / f32(temperature))  # float32 division: the exact quotient of two float32s, rounded once
+    assert cuda_reciprocal(temperature) == want
+    dev = DeviceSampling(SamplingParams(temperature=temperature, top_p=0.9), "cpu")
+    assert dev.inv_temperature.item() == want
+    if temperature != 0.8:  # the cases where rounding the double reciprocal gives another float32
+        assert want != f32(1.0 / temperature)

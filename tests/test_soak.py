@@ -138,3 +138,31 @@ def test_prefill_logits_holds_the_engine():
     stream.close()
     assert not eng.guard.busy
     assert torch.equal(eng.prefill_logits([torch.tensor([1, 2, 3])]), want)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_dropped_engine_is_freed_at_once(stream):
+    """An Engine that captured graphs (decode and refresh runners) is freed when its last
+    reference goes, without waiting for a garbage collection: a reference cycle through it
+    (a runner holding the engine; a closure reading its own attribute) kept its caches and
+    graphs — GPU memory — alive, so replacing a cached engine by a larger one held both."""
+    import weakref
+
+    model = build_tiny_model("llama", seed=3)
+    steering = SVGT(build_value_module(model, seed=3), refresh_interval=2, refresh="exact")
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        eng = Engine(model, max_batch=2, max_seq_len=48)
+        eng.graph_emulation = True
+        out = generate(model, [[1, 2, 3], [4, 5]], steering=steering, max_new_tokens=7, engine=eng, stream=stream)
+        if stream:
+            out = list(out)[-1].output
+        assert out.timings["graph_steps"] > 0 and out.timings["refresh_steps"] > 0
+        ref = weakref.ref(eng)
+        del eng, out
+        assert ref() is None
+    finally:
+        if was_enabled:
+            gc.enable()
