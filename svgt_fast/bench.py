@@ -6,6 +6,7 @@ Figures count only on a GPU; on a CPU the run checks that the harness works.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -122,6 +123,14 @@ def _nvml_handle(pynvml, device: int):
 
 
 # ---- timing ------------------------------------------------------------------------------------
+def measured_on(device):
+    """Make CUDA `device` current for a block (a no-op off CUDA): the helpers here (events, syncs,
+    copy bandwidth, peak memory, telemetry, the environment's device name) measure the current
+    device, so a model on cuda:1 is timed on cuda:1, not on whichever device was current."""
+    device = torch.device(device)
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def time_fn(fn, warmup: int = 3, reps: int = 20) -> dict:
     """Median / p10 / p90 milliseconds of fn(); CUDA events on a GPU, perf_counter on CPU."""
     for _ in range(warmup):
@@ -299,7 +308,15 @@ def generate_bench(model, *, module=None, batches=(1, 16), prompt: int = 512, ne
     `module`, default a random K=5 module) for every refresh mode x interval, each timed twice
     after a warm-up; HF `generate` and (batch 1) the eager recompute loop beside. Returns
     (rows, extra) ready for write_results; `checkpoint(rows)` (e.g. a PartialResults) is called
-    after every row."""
+    after every row. Runs with the model's device current (measured_on)."""
+    with measured_on(next(model.parameters()).device):
+        return _generate_bench(model, module=module, batches=batches, prompt=prompt, new_tokens=new_tokens,
+                               modes=modes, intervals=intervals, baselines=baselines,
+                               step_percentiles=step_percentiles, smoke=smoke, log=log, checkpoint=checkpoint)
+
+
+def _generate_bench(model, *, module, batches, prompt, new_tokens, modes, intervals, baselines, step_percentiles,
+                    smoke, log, checkpoint):
     checkpoint = checkpoint or (lambda rows: None)
     from .api import generate
     from .engine import Engine

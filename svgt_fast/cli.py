@@ -247,8 +247,7 @@ def _stream(stream, args, first_row: int):
 
 # ---- bench -------------------------------------------------------------------------------------
 def _bench(args) -> int:
-    from .bench import CPU_SHAPES, SHAPES, TABLE_COLUMNS, build_random_model, format_table, generate_bench, \
-        plot_generate, write_results
+    from .bench import CPU_SHAPES, SHAPES, measured_on
 
     if args.smoke:
         args.target = args.target or "tiny"
@@ -270,6 +269,14 @@ def _bench(args) -> int:
             raise CliError(f"no GPU: the {args.target} shape is a GPU benchmark; use --smoke (or a tiny shape: "
                            f"{', '.join(CPU_SHAPES)}) to check the harness on CPU")
         print("no GPU: CPU timings check the harness only; they say nothing about speed (BENCH.md)", file=sys.stderr)
+    # --device cuda:N: the run, its copy bandwidth and the JSON's device name and telemetry on N
+    with measured_on(device):
+        return _bench_on(args, device, dtype, is_dir, batches, intervals)
+
+
+def _bench_on(args, device, dtype, is_dir, batches, intervals) -> int:
+    from .bench import TABLE_COLUMNS, build_random_model, format_table, generate_bench, plot_generate, write_results
+
     model = _load_model(args.target, device, dtype) if is_dir else build_random_model(args.target, device, dtype)
     name = os.path.basename(os.path.normpath(args.target)) if is_dir else args.target
     module = None

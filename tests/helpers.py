@@ -111,3 +111,17 @@ def intervention(kind: str, art):
     return {"re_control": lambda: REControl(art, n_steps=2, step_size=1.0),
             "conva": lambda: ConVA(art, p0=0.99, g0=0.05),
             "neva": lambda: NeVA(art, strength=2.0)}[kind]()
+
+
+class FakeCudaDevice:
+    """Stands in for torch.cuda.device on a machine without CUDA: records the current device."""
+    current = [0]
+
+    def __init__(self, device):
+        self.index = device.index
+
+    def __enter__(self):
+        self.prev, FakeCudaDevice.current[0] = FakeCudaDevice.current[0], self.index
+
+    def __exit__(self, *exc):
+        FakeCudaDevice.current[0] = self.prev

@@ -109,3 +109,23 @@ def test_decode_launch_count_is_the_fused_step():
         assert counts[k] == L, (k, counts)
     total = float(res.stdout.split(" kernels = ")[0].split()[-1])
     assert total <= 9 * L + 15, res.stdout  # 14 per step besides the layers (embedding, final norm, logits, sampling, stops)
+
+
+def test_generate_bench_measures_the_models_device(monkeypatch):
+    """Events, syncs, copy bandwidth, peak memory and NVML telemetry all read the current CUDA
+    device, so generate_bench runs with the model's device current (a model on cuda:1 with cuda:0
+    current is timed on cuda:1), and the caller's device is back afterwards."""
+    import types
+
+    import torch
+
+    from helpers import FakeCudaDevice
+    from svgt_fast import bench
+
+    monkeypatch.setattr(torch.cuda, "device", FakeCudaDevice)
+    FakeCudaDevice.current[0] = 0
+    monkeypatch.setattr(bench, "_generate_bench", lambda model, **kw: FakeCudaDevice.current[0])
+    on_gpu1 = types.SimpleNamespace(parameters=lambda: iter([types.SimpleNamespace(device=torch.device("cuda", 1))]))
+    assert bench.generate_bench(on_gpu1) == 1 and FakeCudaDevice.current[0] == 0
+    on_cpu = types.SimpleNamespace(parameters=lambda: iter([torch.empty(0)]))
+    assert bench.generate_bench(on_cpu) == 0

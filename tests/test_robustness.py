@@ -13,7 +13,7 @@ from svgt_fast import SVGT, ConVA, ConVAVectors, NeVA, REControl, Engine, NeVANe
 from svgt_fast.sampling import SamplingParams
 from svgt_fast.tiny import build_tiny_model, build_value_module
 
-from helpers import ragged_prompts, random_artifact
+from helpers import FakeCudaDevice, ragged_prompts, random_artifact
 
 
 @pytest.fixture
@@ -329,20 +329,6 @@ def test_reference_engine_calls_on_one_model_do_not_interleave(llama, monkeypatc
 
 
 # ---- the engine's device is current while it works -------------------------------------------
-class _FakeCudaDevice:
-    """Stands in for torch.cuda.device on a machine without CUDA: records the current device."""
-    current = [0]
-
-    def __init__(self, device):
-        self.index = device.index
-
-    def __enter__(self):
-        self.prev, _FakeCudaDevice.current[0] = _FakeCudaDevice.current[0], self.index
-
-    def __exit__(self, *exc):
-        _FakeCudaDevice.current[0] = self.prev
-
-
 def test_each_step_of_a_call_runs_with_the_engines_device_current(monkeypatch):
     """Triton launches on the current device and a capture records the current device's stream,
     so a model on cuda:1 with cuda:0 current must have cuda:1 current inside every step of a call,
@@ -350,23 +336,23 @@ def test_each_step_of_a_call_runs_with_the_engines_device_current(monkeypatch):
     between steps. (The same on two real GPUs: test_gpu.test_engine_on_a_second_gpu.)"""
     from svgt_fast.guard import CallGuard
 
-    monkeypatch.setattr(torch.cuda, "device", _FakeCudaDevice)
-    _FakeCudaDevice.current[0] = 0
+    monkeypatch.setattr(torch.cuda, "device", FakeCudaDevice)
+    FakeCudaDevice.current[0] = 0
     seen = []
 
     def call():
         try:
             for t in range(3):
-                seen.append(("step", t, _FakeCudaDevice.current[0]))
+                seen.append(("step", t, FakeCudaDevice.current[0]))
                 yield t
             return "result"
         finally:
-            seen.append(("cleanup", _FakeCudaDevice.current[0]))
+            seen.append(("cleanup", FakeCudaDevice.current[0]))
 
     guard = CallGuard("Engine")
     stream = guard.run(call(), device=torch.device("cuda", 1))
     for t in stream:
-        seen.append(("consumer", t, _FakeCudaDevice.current[0]))
+        seen.append(("consumer", t, FakeCudaDevice.current[0]))
     assert seen == [("step", 0, 1), ("consumer", 0, 0), ("step", 1, 1), ("consumer", 1, 0), ("step", 2, 1),
                     ("consumer", 2, 0), ("cleanup", 1)]
     assert not guard.busy
@@ -375,7 +361,7 @@ def test_each_step_of_a_call_runs_with_the_engines_device_current(monkeypatch):
     stream = guard.run(call(), device=torch.device("cuda", 1))
     assert next(stream) == 0
     stream.close()
-    assert seen == [("step", 0, 1), ("cleanup", 1)] and _FakeCudaDevice.current[0] == 0 and not guard.busy
+    assert seen == [("step", 0, 1), ("cleanup", 1)] and FakeCudaDevice.current[0] == 0 and not guard.busy
 
     seen.clear()  # the return value comes through; a CPU engine changes nothing
     from svgt_fast.streaming import run_to_end
