@@ -98,12 +98,13 @@ def capture_stream(engine) -> torch.cuda.Stream:
     One per engine, used for nothing else: the caching allocator reuses a freed block only for
     the stream it was allocated on, so captures on one stream share the pool's memory (a new
     stream per capture would keep every graph's intermediates apart: the exact-refresh graphs of
-    a long call would grow with its length squared). And nothing runs on it eagerly, so the cuBLAS
-    workspace its GEMMs use is made inside the first capture, in the pool, rather than in
-    ordinary memory, where a dropped graph (reset() frees its capture stream's workspace) would
-    hand the address the other graphs still write to over to any tensor. Not torch's default
-    capture stream: that one is shared by the whole process, made on whichever device was current
-    at the first capture, and its workspace would outlive no engine's pool."""
+    a long call would grow with its length squared). The graphs captured on it share cuBLAS's
+    workspace for that stream (one per handle and stream), which is safe as they replay in turn
+    on one stream, as eager calls would; cuBLAS's workspace map holds that block, and neither a
+    graph's reset() nor the pool's release frees a block in use (torch's CUDAGraph.cpp and
+    caching allocator), so an evicted graph takes nothing from the others. Not torch's default
+    capture stream: that one is shared by the whole process and made on whichever device was
+    current at the first capture."""
     if getattr(engine, "graph_stream", None) is None:
         engine.graph_stream = torch.cuda.Stream(engine.device)
     return engine.graph_stream
@@ -127,8 +128,8 @@ def capture(engine, step):
         return graph, out
     dev = engine.device
     stream = capture_stream(engine)
-    # Warm-up (eager) on a stream of the high-priority pool: never an engine's capture stream,
-    # which comes from the normal-priority pool (capture_stream's docstring says why it matters)
+    # Warm-up (eager) on a stream of the high-priority pool, never an engine's capture stream
+    # (from the normal-priority pool): the capture stream is kept for captures only
     side = torch.cuda.Stream(dev, priority=-1)
     side.wait_stream(torch.cuda.current_stream(dev))
     try:
