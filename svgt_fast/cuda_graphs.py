@@ -21,6 +21,7 @@ Graph keys hold what the captured code depends on, and nothing that changes from
 """
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -92,6 +93,11 @@ def graph_pool(engine):
     return engine.graph_pool
 
 
+# engine -> its capture stream, for the engines alive (capture_stream keeps them distinct)
+_CAPTURE_STREAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+STREAM_POOL_SIZE = 32  # torch hands out a device's pooled streams round-robin, 32 per priority
+
+
 def capture_stream(engine) -> torch.cuda.Stream:
     """The one stream every graph of an engine is captured on (made on the engine's device).
 
@@ -102,11 +108,21 @@ def capture_stream(engine) -> torch.cuda.Stream:
     workspace for that stream (one per handle and stream), which is safe as they replay in turn
     on one stream, as eager calls would; cuBLAS's workspace map holds that block, and neither a
     graph's reset() nor the pool's release frees a block in use (torch's CUDAGraph.cpp and
-    caching allocator), so an evicted graph takes nothing from the others. Not torch's default
-    capture stream: that one is shared by the whole process and made on whichever device was
-    current at the first capture."""
+    caching allocator), so an evicted graph takes nothing from the others.
+
+    Distinct from the capture streams of the other live engines: torch's streams come from a
+    pool of 32 per device, handed out in turn, so the 33rd stream asked for is the 1st again,
+    and two engines captured on one stream would share that workspace — a race if they replayed
+    at once on two streams. Past 32 live engines on a device some must share (then replay them
+    on one stream). Not torch's default capture stream: that one is shared by the whole
+    process and made on whichever device was current at the first capture."""
     if getattr(engine, "graph_stream", None) is None:
-        engine.graph_stream = torch.cuda.Stream(engine.device)
+        taken = {(s.device, s.cuda_stream) for s in list(_CAPTURE_STREAMS.values())}
+        for _ in range(STREAM_POOL_SIZE):
+            stream = torch.cuda.Stream(engine.device)
+            if (stream.device, stream.cuda_stream) not in taken:
+                break
+        engine.graph_stream = _CAPTURE_STREAMS[engine] = stream
     return engine.graph_stream
 
 

@@ -282,6 +282,7 @@ def test_every_graph_of_an_engine_is_captured_on_its_own_stream(monkeypatch):
         assert out.timings["graph_steps"] > 0
         assert len(streams) >= 3 and all(s == eng.graph_stream for s in streams)  # decode + refresh buckets
         assert eng.graph_stream.priority == 0 and eng.graph_stream.device == eng.device
+    assert engines[0].graph_stream.cuda_stream != engines[1].graph_stream.cuda_stream
 
 
 def test_graphs_dropped_from_the_cache_leave_the_others_intact():

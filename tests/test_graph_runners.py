@@ -267,3 +267,42 @@ def test_decode_loop_reads_the_device_once_every_8_steps(model7, graphs):
     for r in reads[9]:
         extra.remove(r)
     assert extra == ["aten._local_scalar_dense"] * (3 if graphs else 3 + 12), (reads[9], reads[33])
+
+
+def test_live_engines_get_distinct_capture_streams(monkeypatch):
+    """torch hands out a device's pooled streams in turn (32 per priority), so the 33rd stream
+    asked for is the 1st again: capture_stream skips the streams of the engines alive (two
+    engines captured on one stream share its cuBLAS workspace), and a dropped engine's stream
+    is free again. A stand-in pool of 4 streams, as no CUDA is here."""
+    import gc
+    import weakref
+
+    from svgt_fast import cuda_graphs
+
+    class PooledStream:
+        handed = [0]
+
+        def __init__(self, device):
+            self.device, self.cuda_stream = device, 1000 + PooledStream.handed[0] % 4
+            PooledStream.handed[0] += 1
+
+    monkeypatch.setattr(torch.cuda, "Stream", PooledStream)
+    monkeypatch.setattr(cuda_graphs, "STREAM_POOL_SIZE", 4)
+    monkeypatch.setattr(cuda_graphs, "_CAPTURE_STREAMS", weakref.WeakKeyDictionary())
+
+    class FakeEngine:
+        device = torch.device("cuda", 0)
+
+    engines = [FakeEngine() for _ in range(3)]
+    ids = [cuda_graphs.capture_stream(e).cuda_stream for e in engines]
+    assert ids == [1000, 1001, 1002]
+    assert cuda_graphs.capture_stream(engines[0]).cuda_stream == 1000  # kept for the engine's life
+    PooledStream.handed[0] = 0  # the pool comes round again: 1000-1002 are taken, 1003 is not
+    e3 = FakeEngine()
+    assert cuda_graphs.capture_stream(e3).cuda_stream == 1003
+    del engines[1]
+    gc.collect()
+    e4 = FakeEngine()  # all four were taken until engine 1 went: its stream is free again
+    assert cuda_graphs.capture_stream(e4).cuda_stream == 1001
+    e5 = FakeEngine()  # more live engines than pooled streams: one must share
+    assert cuda_graphs.capture_stream(e5).cuda_stream in {1000, 1001, 1002, 1003}
