@@ -21,6 +21,7 @@ Graph keys hold what the captured code depends on, and nothing that changes from
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from collections import OrderedDict
 
@@ -95,6 +96,7 @@ def graph_pool(engine):
 
 # engine -> its capture stream, for the engines alive (capture_stream keeps them distinct)
 _CAPTURE_STREAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CAPTURE_STREAMS_LOCK = threading.Lock()  # engines of several threads may capture at once
 STREAM_POOL_SIZE = 32  # torch hands out a device's pooled streams round-robin, 32 per priority
 
 
@@ -117,12 +119,13 @@ def capture_stream(engine) -> torch.cuda.Stream:
     on one stream). Not torch's default capture stream: that one is shared by the whole
     process and made on whichever device was current at the first capture."""
     if getattr(engine, "graph_stream", None) is None:
-        taken = {(s.device, s.cuda_stream) for s in list(_CAPTURE_STREAMS.values())}
-        for _ in range(STREAM_POOL_SIZE):
-            stream = torch.cuda.Stream(engine.device)
-            if (stream.device, stream.cuda_stream) not in taken:
-                break
-        engine.graph_stream = _CAPTURE_STREAMS[engine] = stream
+        with _CAPTURE_STREAMS_LOCK:
+            taken = {(s.device, s.cuda_stream) for s in list(_CAPTURE_STREAMS.values())}
+            for _ in range(STREAM_POOL_SIZE):
+                stream = torch.cuda.Stream(engine.device)
+                if (stream.device, stream.cuda_stream) not in taken:
+                    break
+            engine.graph_stream = _CAPTURE_STREAMS[engine] = stream
     return engine.graph_stream
 
 
