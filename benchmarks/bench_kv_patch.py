@@ -160,15 +160,16 @@ def bridge_rows(dev, dtype, smoke):
         kbuf[:, b] = rope_torch(sk_all, cos, sin, pos_all)
         vbuf[:, b] = sv_all
 
-    cases = [("kv_patch_per_layer", per_layer, 2 * L), ("kv_patch_all_layers", all_layers, 2),
-             ("torch_per_layer", torch_per_layer, None), ("torch_all_layers", torch_all_layers, None)]
+    # (method, callable, op calls per patch, patches per call)
+    cases = [("kv_patch_per_layer", per_layer, 2 * L, 1), ("kv_patch_all_layers", all_layers, 2, 1),
+             ("torch_per_layer", torch_per_layer, None, 1), ("torch_all_layers", torch_all_layers, None, 1)]
     if dev == "cuda":
         per_layer()  # warm up outside capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             per_layer()
-        cases.append(("kv_patch_per_layer_graph", graph.replay, 2 * L))
+        cases.append(("kv_patch_per_layer_graph", graph.replay, 2 * L, 1))
         # What the patch adds inside a decode step's graph: its kernels without the replay's own
         # launch (a few us of host and graph-launch time a step pays once, not per patch).
         repeats = 20
@@ -178,9 +179,8 @@ def bridge_rows(dev, dtype, smoke):
                 per_layer()
         cases.append((f"kv_patch_per_layer_in_graph(x{repeats})", graph_n.replay, 2 * L, repeats))
     rows = []
-    for name, fn, calls, *per in cases:
+    for name, fn, calls, n in cases:
         t = time_fn(fn, warmup=10 if dev == "cuda" else 1, reps=200 if dev == "cuda" else 3)
-        n = per[0] if per else 1
         rows.append(dict(case="bridge", method=name, shape=f"L{L} H{H} K{K} D{D} batch1 K+V", op_calls=calls,
                          us=t["median_ms"] * 1e3 / n, p10_us=t["p10_ms"] * 1e3 / n, p90_us=t["p90_ms"] * 1e3 / n))
     want_k, want_v = kbuf.clone(), vbuf.clone()
