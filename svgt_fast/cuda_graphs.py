@@ -94,9 +94,9 @@ def graph_pool(engine):
     return engine.graph_pool
 
 
-# engine -> its capture stream, for the engines alive (capture_stream keeps them distinct)
-_CAPTURE_STREAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_CAPTURE_STREAMS_LOCK = threading.Lock()  # engines of several threads may capture at once
+# the live engines that hold a capture stream (capture_stream keeps their streams distinct)
+_CAPTURING_ENGINES: weakref.WeakSet = weakref.WeakSet()
+_CAPTURING_ENGINES_LOCK = threading.Lock()  # engines of several threads may capture at once
 STREAM_POOL_SIZE = 32  # torch hands out a device's pooled streams round-robin, 32 per priority
 
 
@@ -119,13 +119,14 @@ def capture_stream(engine) -> torch.cuda.Stream:
     on one stream). Not torch's default capture stream: that one is shared by the whole
     process and made on whichever device was current at the first capture."""
     if getattr(engine, "graph_stream", None) is None:
-        with _CAPTURE_STREAMS_LOCK:
-            taken = {(s.device, s.cuda_stream) for s in list(_CAPTURE_STREAMS.values())}
+        with _CAPTURING_ENGINES_LOCK:
+            taken = {(e.graph_stream.device, e.graph_stream.cuda_stream) for e in list(_CAPTURING_ENGINES)}
             for _ in range(STREAM_POOL_SIZE):
                 stream = torch.cuda.Stream(engine.device)
                 if (stream.device, stream.cuda_stream) not in taken:
                     break
-            engine.graph_stream = _CAPTURE_STREAMS[engine] = stream
+            engine.graph_stream = stream
+            _CAPTURING_ENGINES.add(engine)
     return engine.graph_stream
 
 

@@ -288,7 +288,7 @@ def test_live_engines_get_distinct_capture_streams(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "Stream", PooledStream)
     monkeypatch.setattr(cuda_graphs, "STREAM_POOL_SIZE", 4)
-    monkeypatch.setattr(cuda_graphs, "_CAPTURE_STREAMS", weakref.WeakKeyDictionary())
+    monkeypatch.setattr(cuda_graphs, "_CAPTURING_ENGINES", weakref.WeakSet())
 
     class FakeEngine:
         device = torch.device("cuda", 0)
